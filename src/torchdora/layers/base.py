@@ -1,0 +1,302 @@
+"""What every DoRA layer kind shares: the adapter parameters, the cached weight norm,
+merge bookkeeping, and access to the adapter as a dict or a flat vector.
+
+A layer kind (Linear, Conv, Embedding, …) subclasses :class:`DoRALayer` and supplies
+``forward`` and, where its weight is not already laid out as d_out × fan_in,
+:meth:`DoRALayer.weight_matrix`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from torchdora import functional as DF
+
+RECOMMENDED_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "eps": 1e-8}
+
+
+def recommended_defaults() -> dict[str, float]:
+    """The defaults torchdora recommends for a first run: rank 8, alpha 16, no dropout."""
+    return dict(RECOMMENDED_DEFAULTS)
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    """Identity of a tensor's current contents: storage, in-place version, dtype, device, shape.
+
+    In-place edits through ``tensor.data`` are invisible to PyTorch's version counter;
+    after such an edit call :meth:`DoRALayer.refresh_weight_norm`.
+    """
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+def check_adapter_args(rank: int, alpha: float | None, dropout: float, eps: float) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming the first bad hyperparameter."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    if rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (or None for alpha = rank), got {alpha}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
+class DoRALayer(nn.Module):
+    """Base of the DoRA layer kinds: a frozen ``base_layer``, ``lora_A``, ``lora_B``, ``magnitude``.
+
+    The weight is viewed as a matrix ``W`` of shape ``(out_features, in_features)`` whose
+    rows are the units the magnitude scales (output rows for Linear, output channels for
+    convolutions). Then ``W' = (m / ‖W + s·B A‖) · (W + s·B A)`` row-wise.
+
+    Args:
+        base_layer: the module being adapted; kept (not copied) as ``self.base_layer``.
+        in_features: fan-in of one row of ``W``.
+        out_features: number of rows of ``W`` (length of the magnitude).
+        rank: ``r``, the rank of ``B A``.
+        alpha: scale numerator; ``None`` means ``alpha = rank``.
+        dropout: dropout probability on the low-rank branch's input.
+        use_rslora: ``s = alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: ``False`` gives plain LoRA (no magnitude, no normalisation).
+        detach_norm: treat the row norm as a constant in backward (paper §4.3, PEFT).
+        freeze_base: set ``requires_grad=False`` on the base layer's parameters.
+        eps: floor of the row norm.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int = 8,
+        alpha: float | None = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = True,
+        detach_norm: bool = False,
+        freeze_base: bool = True,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        check_adapter_args(rank, alpha, dropout, eps)
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.use_rslora = use_rslora
+        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.use_dora = use_dora
+        self.detach_norm = detach_norm
+        self.eps = eps
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        if freeze_base:
+            base_layer.requires_grad_(False)
+
+        weight = self.base_weight
+        adapter_dtype = (
+            torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        )
+        factory = {"device": weight.device, "dtype": adapter_dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        if use_dora:
+            factory["dtype"] = DF.norm_dtype(weight.dtype)
+            self.magnitude = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("magnitude", None)
+        self._weight_sq_norm: Tensor | None = None
+        self._weight_sq_norm_key: tuple | None = None
+        self._scale_cache: Tensor | None = None
+        self._scale_cache_key: tuple | None = None
+        self._merge_norm: Tensor | None = None
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- the base weight
+    @property
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def weight_matrix(self, weight: Tensor | None = None) -> Tensor:
+        """``weight`` (default: the base weight) viewed as ``(out_features, in_features)``.
+
+        A view, so writing into it writes the base weight. Kinds with another layout override.
+        """
+        return self.base_weight if weight is None else weight
+
+    def weight_sq_norm(self) -> Tensor:
+        """``c_i = ‖W_i‖²``, cached while the base weight is unchanged (DESIGN.md §1.3).
+
+        A trainable base is never cached: ``c`` is recomputed differentiably each call.
+        """
+        weight = self.base_weight
+        if weight.requires_grad and torch.is_grad_enabled():
+            return DF.weight_sq_row_norm(self.weight_matrix())
+        key = _tensor_key(weight)
+        if self._weight_sq_norm_key != key:
+            with torch.no_grad():
+                self._weight_sq_norm = DF.weight_sq_row_norm(self.weight_matrix())
+            self._weight_sq_norm_key = key
+        return self._weight_sq_norm
+
+    def refresh_weight_norm(self) -> None:
+        """Forget cached norms; only needed after editing the base weight through ``.data``."""
+        self._weight_sq_norm_key = None
+        self._scale_cache_key = None
+
+    def row_norm(self, weight_a: Tensor) -> Tensor:
+        """``n = ‖W + s·B A‖`` per row, from ``weight_a = W Aᵀ`` (the factored form)."""
+        norm = DF.factored_row_norm(
+            self.weight_sq_norm(), weight_a, self.lora_A, self.lora_B, self.scaling, self.eps
+        )
+        return norm.detach() if self.detach_norm else norm
+
+    def inference_scale(self) -> Tensor:
+        """``m / n`` for no-grad forwards, cached until any of W, A, B, m changes."""
+        key = tuple(
+            _tensor_key(t) for t in (self.base_weight, self.lora_A, self.lora_B, self.magnitude)
+        )
+        key += (self.scaling, self.eps)
+        if self._scale_cache_key != key:
+            with torch.no_grad():
+                weight = self.weight_matrix()
+                weight_a = torch.nn.functional.linear(self.lora_A.to(weight.dtype), weight).T
+                norm = self.row_norm(weight_a)
+                self._scale_cache = self.magnitude.to(norm.dtype) / norm
+            self._scale_cache_key = key
+        return self._scale_cache
+
+    # ----------------------------------------------------------------- initialisation
+    def reset_parameters(self) -> None:
+        """Back to the initial adapter: ``A`` Kaiming-uniform, ``B = 0``, ``m = ‖W_i‖``.
+
+        The layer then reproduces its base layer exactly. A merged layer is unmerged first.
+        The base layer's own parameters are left alone.
+        """
+        if self.merged:
+            self.unmerge()
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            if self.magnitude is not None:
+                self.magnitude.copy_(DF.weight_sq_row_norm(self.weight_matrix()).sqrt())
+
+    # ----------------------------------------------------------------- merging
+    def merge(self) -> None:
+        """Write ``W'`` into the base weight; the forward then runs the base layer alone."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            weight = self.weight_matrix()
+            merged, self._merge_norm = DF.merge_weight(
+                weight, self.lora_A, self.lora_B, self.magnitude, self.scaling, self.eps
+            )
+            weight.copy_(merged)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Restore the base weight ``W`` (to rounding) after :meth:`merge`."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            weight = self.weight_matrix()
+            weight.copy_(
+                DF.unmerge_weight(
+                    weight, self.lora_A, self.lora_B, self.magnitude, self.scaling, self._merge_norm
+                )
+            )
+        self._merge_norm = None
+        self.merged = False
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge in place and return the base layer, now a plain module holding ``W'``."""
+        self.merge()
+        return self.base_layer
+
+    # ----------------------------------------------------------------- parameter access
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters this adapter trains or owns, by name, in a fixed order.
+
+        ``lora_A``, ``lora_B``, ``magnitude`` (DoRA only), then the base layer's parameters
+        if it is not frozen.
+        """
+        params = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.magnitude is not None:
+            params["magnitude"] = self.magnitude
+        for name, param in self.base_layer.named_parameters():
+            if param.requires_grad:
+                params[f"base_layer.{name}"] = param
+        return params
+
+    def num_trainable_parameters(self) -> int:
+        """Elements of the parameters with ``requires_grad`` (the adapter; the base if unfrozen)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def get_adapter_state(self) -> dict[str, Tensor]:
+        """A copy of :meth:`adapter_parameters` as plain tensors."""
+        return {name: p.detach().clone() for name, p in self.adapter_parameters().items()}
+
+    def set_adapter_state(self, state: dict[str, Tensor]) -> None:
+        """Copy tensors into :meth:`adapter_parameters`; keys and shapes must match exactly."""
+        params = self.adapter_parameters()
+        if set(state) != set(params):
+            missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+            raise ValueError(
+                f"adapter state keys differ: missing {missing}, unexpected {unexpected}"
+            )
+        for name, param in params.items():
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"adapter state {name!r} has shape {tuple(state[name].shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+
+    def get_adapter_vector(self) -> Tensor:
+        """All of :meth:`adapter_parameters` flattened into one vector, in their order."""
+        return torch.cat([p.detach().reshape(-1) for p in self.adapter_parameters().values()])
+
+    def set_adapter_vector(self, vector: Tensor) -> None:
+        """Inverse of :meth:`get_adapter_vector`; ``vector`` must have exactly the right length."""
+        params = list(self.adapter_parameters().values())
+        expected = sum(p.numel() for p in params)
+        if vector.dim() != 1 or vector.numel() != expected:
+            raise ValueError(
+                f"adapter vector must be 1-D with {expected} elements, "
+                f"got shape {tuple(vector.shape)}"
+            )
+        with torch.no_grad():
+            for param, chunk in zip(params, vector.split([p.numel() for p in params]), strict=True):
+                param.copy_(chunk.view_as(param))
+
+    # ----------------------------------------------------------------- helpers for forward
+    def _runs_base_only(self) -> bool:
+        if self.disabled and self.merged:
+            raise RuntimeError(
+                "the adapter is merged into the base weight; unmerge() before disabling it"
+            )
+        return self.disabled or self.merged
+
+    def _lora_input(self, x: Tensor) -> Tensor | None:
+        """The low-rank branch's input when dropout changes it, else ``None`` (reuse ``x``)."""
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            return None
+        return self.lora_dropout(x)
+
+    def extra_repr(self) -> str:
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return (
+            f"{kind}: in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+            + (", detach_norm=True" if self.detach_norm else "")
+            + (", merged=True" if self.merged else "")
+        )

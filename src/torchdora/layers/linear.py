@@ -1,0 +1,125 @@
+"""DoRA (and its plain-LoRA sibling) on an ``nn.Linear`` base."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from torchdora import functional as DF
+from torchdora.layers.base import DoRALayer
+
+
+class DoRALinear(DoRALayer):
+    """A linear layer ``y = (m / ‖W + s·B A‖) ⊙ (W x + s·B A x) + b`` with ``W``, ``b`` frozen.
+
+    Build one from sizes (it owns a fresh ``nn.Linear`` base)::
+
+        layer = DoRALinear(768, 768)                     # rank 8, alpha 16
+
+    or wrap an existing layer without copying its weight::
+
+        layer = DoRALinear.from_linear(model.fc, rank=8)
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        rank: rank ``r`` of the update ``B A``.
+        alpha: scale numerator, ``s = alpha / r``; ``None`` means ``alpha = rank``.
+        bias: whether the fresh base layer has a bias.
+        device, dtype: of the fresh base layer.
+        **kwargs: the adapter options of :class:`~torchdora.layers.base.DoRALayer`
+            (``dropout``, ``use_rslora``, ``use_dora``, ``detach_norm``, ``freeze_base``, ``eps``).
+
+    Shapes:
+        ``forward``: ``(..., in_features)`` → ``(..., out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 8,
+        alpha: float | None = 16.0,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        base_layer: nn.Linear | None = None,
+        **kwargs,
+    ) -> None:
+        if base_layer is None:
+            base_layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        super().__init__(base_layer, in_features, out_features, rank=rank, alpha=alpha, **kwargs)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int = 8,
+        alpha: float | None = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        detach_norm: bool = False,
+        freeze_base: bool = True,
+        eps: float = 1e-8,
+        **kwargs,
+    ) -> DoRALinear:
+        """Wrap ``linear`` (kept by reference, not copied); the result starts equal to it."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            alpha,
+            base_layer=linear,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            detach_norm=detach_norm,
+            freeze_base=freeze_base,
+            eps=eps,
+            **kwargs,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects input with last dimension {self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        weight, bias = self.base_weight, self.base_layer.bias
+        if self._runs_base_only():
+            return self.base_layer(x)
+        lora_input = self._lora_input(x)
+        if not self.use_dora:
+            return DF.lora_linear(
+                x, weight, bias, self.lora_A, self.lora_B, self.scaling, lora_input=lora_input
+            )
+        if not torch.is_grad_enabled() and lora_input is None:
+            return DF.dora_linear_scaled(
+                x, weight, bias, self.lora_A, self.lora_B, self.inference_scale(), self.scaling
+            )
+        return DF.dora_linear(
+            x,
+            weight,
+            bias,
+            self.lora_A,
+            self.lora_B,
+            self.magnitude,
+            self.scaling,
+            self.weight_sq_norm(),
+            lora_input=lora_input,
+            eps=self.eps,
+            detach_norm=self.detach_norm,
+            stack=x.requires_grad,
+        )
+
+
+class LoRALinear(DoRALinear):
+    """Plain LoRA with the same surface as :class:`DoRALinear`: ``y = W x + b + s·B A x``.
+
+    The baseline DoRA is compared against in benchmarks and ``--method lora`` runs.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *args, **kwargs) -> None:
+        super().__init__(in_features, out_features, *args, use_dora=False, **kwargs)
