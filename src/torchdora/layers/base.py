@@ -100,15 +100,13 @@ class DoRALayer(nn.Module):
         if freeze_base:
             base_layer.requires_grad_(False)
 
-        weight = self.base_weight
-        adapter_dtype = (
-            torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        )
-        factory = {"device": weight.device, "dtype": adapter_dtype}
+        dtype, device = self.base_dtype, self.base_weight.device
+        adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        factory = {"device": device, "dtype": adapter_dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
         if use_dora:
-            factory["dtype"] = DF.norm_dtype(weight.dtype)
+            factory["dtype"] = DF.norm_dtype(dtype)
             self.magnitude = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("magnitude", None)
@@ -124,6 +122,11 @@ class DoRALayer(nn.Module):
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
 
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The floating dtype the base computes in (a quantized base overrides this)."""
+        return self.base_weight.dtype
+
     def weight_matrix(self, weight: Tensor | None = None) -> Tensor:
         """``weight`` (default: the base weight) viewed as ``(out_features, in_features)``.
 
@@ -138,13 +141,25 @@ class DoRALayer(nn.Module):
         """
         weight = self.base_weight
         if weight.requires_grad and torch.is_grad_enabled():
-            return DF.weight_sq_row_norm(self.weight_matrix())
+            return self.compute_weight_sq_norm()
         key = _tensor_key(weight)
         if self._weight_sq_norm_key != key:
             with torch.no_grad():
-                self._weight_sq_norm = DF.weight_sq_row_norm(self.weight_matrix())
+                self._weight_sq_norm = self.compute_weight_sq_norm()
             self._weight_sq_norm_key = key
         return self._weight_sq_norm
+
+    def compute_weight_sq_norm(self) -> Tensor:
+        """``‖W_i‖²`` computed afresh (a quantized base overrides this to dequantize in chunks)."""
+        return DF.weight_sq_row_norm(self.weight_matrix())
+
+    def compute_weight_a(self) -> Tensor:
+        """``P = W Aᵀ`` of shape ``(out_features, rank)`` with one extra pass over ``W``.
+
+        The Linear training path gets ``P`` for free from its stacked matmul instead.
+        """
+        weight = self.weight_matrix()
+        return torch.nn.functional.linear(self.lora_A.to(weight.dtype), weight).T
 
     def refresh_weight_norm(self) -> None:
         """Forget cached norms; only needed after editing the base weight through ``.data``."""
@@ -166,9 +181,7 @@ class DoRALayer(nn.Module):
         key += (self.scaling, self.eps)
         if self._scale_cache_key != key:
             with torch.no_grad():
-                weight = self.weight_matrix()
-                weight_a = torch.nn.functional.linear(self.lora_A.to(weight.dtype), weight).T
-                norm = self.row_norm(weight_a)
+                norm = self.row_norm(self.compute_weight_a())
                 self._scale_cache = self.magnitude.to(norm.dtype) / norm
             self._scale_cache_key = key
         return self._scale_cache
@@ -186,7 +199,7 @@ class DoRALayer(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
             if self.magnitude is not None:
-                self.magnitude.copy_(DF.weight_sq_row_norm(self.weight_matrix()).sqrt())
+                self.magnitude.copy_(self.weight_sq_norm().sqrt())
 
     # ----------------------------------------------------------------- merging
     def merge(self) -> None:
