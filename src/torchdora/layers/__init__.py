@@ -1,6 +1,21 @@
-"""DoRA layer kinds: one ``nn.Module`` per kind of base layer."""
+"""DoRA layer kinds: one ``nn.Module`` per kind of base layer, and the table choosing among them."""
 
 from torchdora.layers.base import DoRALayer, recommended_defaults
+from torchdora.layers.conv import DoRAConv
+from torchdora.layers.conv1d import DoRAConv1D
+from torchdora.layers.dispatch import LayerKind, layer_kind_for, register_layer_kind
+from torchdora.layers.embedding import DoRAEmbedding
 from torchdora.layers.linear import DoRALinear, LoRALinear
 
-__all__ = ["DoRALayer", "DoRALinear", "LoRALinear", "recommended_defaults"]
+__all__ = [
+    "DoRAConv",
+    "DoRAConv1D",
+    "DoRAEmbedding",
+    "DoRALayer",
+    "DoRALinear",
+    "LayerKind",
+    "LoRALinear",
+    "layer_kind_for",
+    "recommended_defaults",
+    "register_layer_kind",
+]

@@ -3,7 +3,7 @@ merge bookkeeping, and access to the adapter as a dict or a flat vector.
 
 A layer kind (Linear, Conv, Embedding, …) subclasses :class:`DoRALayer` and supplies
 ``forward`` and, where its weight is not already laid out as d_out × fan_in,
-:meth:`DoRALayer.weight_matrix`.
+:meth:`DoRALayer.weight_matrix` (and :meth:`DoRALayer.store_weight_matrix` if that is not a view).
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from torch import Tensor, nn
 from torchdora import functional as DF
 
 RECOMMENDED_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "eps": 1e-8}
+
+#: Initialisations of ``A`` (``B`` always starts at 0, so every one reproduces the base layer).
+LORA_INITS = ("default", "gaussian")
 
 
 def recommended_defaults() -> dict[str, float]:
@@ -32,7 +35,9 @@ def _tensor_key(t: Tensor) -> tuple:
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
-def check_adapter_args(rank: int, alpha: float | None, dropout: float, eps: float) -> None:
+def check_adapter_args(
+    rank: int, alpha: float | None, dropout: float, eps: float, init: str = "default"
+) -> None:
     """Raise a ``TypeError``/``ValueError`` naming the first bad hyperparameter."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be an int, got {type(rank).__name__}")
@@ -44,6 +49,8 @@ def check_adapter_args(rank: int, alpha: float | None, dropout: float, eps: floa
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if init not in LORA_INITS:
+        raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
 
 
 class DoRALayer(nn.Module):
@@ -65,6 +72,8 @@ class DoRALayer(nn.Module):
         detach_norm: treat the row norm as a constant in backward (paper §4.3, PEFT).
         freeze_base: set ``requires_grad=False`` on the base layer's parameters.
         eps: floor of the row norm.
+        init: ``"default"``: ``A`` Kaiming-uniform (a=√5), as LoRA and PEFT do;
+            ``"gaussian"``: ``A ~ N(0, 1/r²)`` (PEFT's ``"gaussian"``). ``B = 0`` either way.
     """
 
     def __init__(
@@ -81,9 +90,10 @@ class DoRALayer(nn.Module):
         detach_norm: bool = False,
         freeze_base: bool = True,
         eps: float = 1e-8,
+        init: str = "default",
     ) -> None:
         super().__init__()
-        check_adapter_args(rank, alpha, dropout, eps)
+        check_adapter_args(rank, alpha, dropout, eps, init)
         self.base_layer = base_layer
         self.in_features = in_features
         self.out_features = out_features
@@ -94,6 +104,7 @@ class DoRALayer(nn.Module):
         self.use_dora = use_dora
         self.detach_norm = detach_norm
         self.eps = eps
+        self.init = init
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
@@ -119,8 +130,23 @@ class DoRALayer(nn.Module):
 
     # ----------------------------------------------------------------- the base weight
     @property
-    def base_weight(self) -> nn.Parameter:
+    def base_weight(self) -> Tensor:
+        """The base weight in the layout this layer's forward computes with.
+
+        The base layer's ``weight`` parameter itself, except where a kind computes with another
+        view of it (``transformers``' ``Conv1D`` stores ``Wᵀ``: its kind returns the ``W`` view).
+        """
         return self.base_layer.weight
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's ``weight``, so code that reads ``module.weight`` keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's ``bias`` (or ``None``)."""
+        return getattr(self.base_layer, "bias", None)
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -130,9 +156,14 @@ class DoRALayer(nn.Module):
     def weight_matrix(self, weight: Tensor | None = None) -> Tensor:
         """``weight`` (default: the base weight) viewed as ``(out_features, in_features)``.
 
-        A view, so writing into it writes the base weight. Kinds with another layout override.
+        Kinds with another layout override this; where the result is not a view of the base
+        weight they also override :meth:`store_weight_matrix`.
         """
         return self.base_weight if weight is None else weight
+
+    def store_weight_matrix(self, matrix: Tensor) -> None:
+        """Write an ``(out_features, in_features)`` matrix into the base weight (merging)."""
+        self.weight_matrix().copy_(matrix)
 
     def weight_sq_norm(self) -> Tensor:
         """``c_i = ‖W_i‖²``, cached while the base weight is unchanged (DESIGN.md §1.3).
@@ -186,9 +217,20 @@ class DoRALayer(nn.Module):
             self._scale_cache_key = key
         return self._scale_cache
 
+    def magnitude_scale(self) -> Tensor:
+        """``m / n`` per row, with ``P = W Aᵀ`` from :meth:`compute_weight_a`.
+
+        For kinds whose forward cannot produce ``P`` from its own pass over ``W`` (all but
+        Linear). Without autograd this is the cached :meth:`inference_scale`.
+        """
+        if not torch.is_grad_enabled():
+            return self.inference_scale()
+        norm = self.row_norm(self.compute_weight_a())
+        return self.magnitude.to(norm.dtype) / norm
+
     # ----------------------------------------------------------------- initialisation
     def reset_parameters(self) -> None:
-        """Back to the initial adapter: ``A`` Kaiming-uniform, ``B = 0``, ``m = ‖W_i‖``.
+        """Back to the initial adapter: ``A``, ``B`` by :meth:`reset_lora_factors`, ``m = ‖W_i‖``.
 
         The layer then reproduces its base layer exactly. A merged layer is unmerged first.
         The base layer's own parameters are left alone.
@@ -196,10 +238,17 @@ class DoRALayer(nn.Module):
         if self.merged:
             self.unmerge()
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+            self.reset_lora_factors()
             if self.magnitude is not None:
                 self.magnitude.copy_(self.weight_sq_norm().sqrt())
+
+    def reset_lora_factors(self) -> None:
+        """``B = 0`` and ``A`` by ``self.init`` (see the class docstring), so ``B A = 0``."""
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
 
     # ----------------------------------------------------------------- merging
     def merge(self) -> None:
@@ -207,11 +256,15 @@ class DoRALayer(nn.Module):
         if self.merged:
             return
         with torch.no_grad():
-            weight = self.weight_matrix()
             merged, self._merge_norm = DF.merge_weight(
-                weight, self.lora_A, self.lora_B, self.magnitude, self.scaling, self.eps
+                self.weight_matrix(),
+                self.lora_A,
+                self.lora_B,
+                self.magnitude,
+                self.scaling,
+                self.eps,
             )
-            weight.copy_(merged)
+            self.store_weight_matrix(merged)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -219,10 +272,14 @@ class DoRALayer(nn.Module):
         if not self.merged:
             return
         with torch.no_grad():
-            weight = self.weight_matrix()
-            weight.copy_(
+            self.store_weight_matrix(
                 DF.unmerge_weight(
-                    weight, self.lora_A, self.lora_B, self.magnitude, self.scaling, self._merge_norm
+                    self.weight_matrix(),
+                    self.lora_A,
+                    self.lora_B,
+                    self.magnitude,
+                    self.scaling,
+                    self._merge_norm,
                 )
             )
         self._merge_norm = None

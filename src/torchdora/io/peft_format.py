@@ -1,0 +1,293 @@
+"""Translation between a torchdora model and Hugging Face PEFT's adapter format.
+
+PEFT (``peft_type="LORA"``, ``use_dora=true``) stores, for the module at path ``p``:
+
+* ``base_model.model.<p>.lora_A.weight`` (r × in), ``….lora_B.weight`` (out × r) — for an
+  Embedding ``….lora_embedding_A`` (r × num_embeddings) and ``….lora_embedding_B``
+  (embedding_dim × r), without ``.weight``; for a convolution the conv-shaped kernels
+  ``(r, in, *k)`` and ``(out, r, 1, …)``;
+* ``base_model.model.<p>.lora_magnitude_vector``: ``(out,)``, ``(embedding_dim,)``, or
+  ``(1, out, 1, …)`` for a convolution;
+* trained biases under their parameter names (``<p>.base_layer.bias`` for adapted layers),
+  and each ``modules_to_save`` module's own state dict under ``<p>.``.
+
+torchdora's module paths and ``base_layer`` naming coincide with PEFT's, so the mapping is
+per-tensor reshaping only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torchdora.config import DoRAConfig
+from torchdora.io.files import AdapterFileError
+from torchdora.layers.base import DoRALayer
+from torchdora.layers.conv import DoRAConv
+from torchdora.layers.conv1d import DoRAConv1D
+from torchdora.layers.embedding import DoRAEmbedding
+from torchdora.model import ModulesToSaveWrapper, dora_modules
+
+PREFIX = "base_model.model."
+# PEFT key suffix -> our parameter name
+_SUFFIXES = {
+    "lora_A.weight": "lora_A",
+    "lora_B.weight": "lora_B",
+    "lora_embedding_A": "lora_A",
+    "lora_embedding_B": "lora_B",
+    "lora_magnitude_vector": "magnitude",
+}
+_BIAS_MODES = {"none": "none", "all": "all", "dora_only": "lora_only"}
+
+
+@dataclass(frozen=True)
+class PeftTensor:
+    """Where one adapter parameter lives in PEFT's file: key suffix and shape."""
+
+    suffix: str
+    shape: tuple[int, ...]
+
+
+def peft_layout(layer: DoRALayer) -> dict[str, PeftTensor]:
+    """Our parameter name → its PEFT key suffix and shape, for one adapted layer."""
+    a, b = (
+        ("lora_embedding_A", "lora_embedding_B")
+        if isinstance(layer, DoRAEmbedding)
+        else ("lora_A.weight", "lora_B.weight")
+    )
+    r, out = layer.rank, layer.out_features
+    shapes = {"lora_A": (r, layer.in_features), "lora_B": (out, r), "magnitude": (out,)}
+    if isinstance(layer, DoRAConv):
+        kernel = layer.base_weight.shape
+        if layer.base_layer.groups > 1:
+            raise AdapterFileError(
+                "a convolution with groups > 1 cannot be written in PEFT's format: PEFT factors "
+                "grouped-conv LoRA differently (full-width A, grouped B)"
+            )
+        ones = (1,) * (len(kernel) - 2)
+        shapes = {
+            "lora_A": (r, *kernel[1:]),
+            "lora_B": (out, r, *ones),
+            "magnitude": (1, out, *ones),
+        }
+    layout = {"lora_A": PeftTensor(a, shapes["lora_A"]), "lora_B": PeftTensor(b, shapes["lora_B"])}
+    if layer.use_dora:
+        layout["magnitude"] = PeftTensor("lora_magnitude_vector", shapes["magnitude"])
+    return layout
+
+
+def _wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
+def _trained_extras(model: nn.Module) -> dict[str, Tensor]:
+    """Trainable parameters that are neither adapter factors nor in a modules-to-save copy:
+    the biases ``DoRAConfig.bias`` unfroze."""
+    adapter_ids = {
+        id(p) for _, layer in dora_modules(model) for p in layer.adapter_parameters().values()
+    }
+    wrapped = tuple(f"{name}." for name in _wrappers(model))
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if p.requires_grad and id(p) not in adapter_ids and not name.startswith(wrapped)
+    }
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every tensor of the adapter under PEFT's key, in PEFT's shape."""
+    tensors: dict[str, Tensor] = {}
+    for name, layer in dora_modules(model):
+        for param, where in peft_layout(layer).items():
+            tensors[f"{PREFIX}{name}.{where.suffix}"] = (
+                getattr(layer, param).detach().reshape(where.shape)
+            )
+    for name, param in _trained_extras(model).items():
+        tensors[PREFIX + name] = param.detach()
+    for name, wrapper in _wrappers(model).items():
+        for key, tensor in wrapper.module_to_save.state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = tensor
+    return tensors
+
+
+def _most_common(values: dict[str, float]) -> float:
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def peft_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """``adapter_config.json`` contents describing the adapters actually in ``model``.
+
+    Targets are the adapted modules' full names; ranks and alphas that differ from the most
+    common one go to ``rank_pattern``/``alpha_pattern`` under their escaped full names.
+    """
+    layers = dict(dora_modules(model))
+    if not layers:
+        raise ValueError("the model has no DoRA/LoRA layers to save; call apply_dora first")
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    alphas = {name: layer.alpha for name, layer in layers.items()}
+    rank, alpha = _most_common(ranks), _most_common(alphas)
+    dropouts = {getattr(layer.lora_dropout, "p", 0.0) for layer in layers.values()}
+    if len(dropouts) > 1:
+        raise ValueError(f"PEFT's format holds one lora_dropout; the layers use {sorted(dropouts)}")
+    first = next(iter(layers.values()))
+    extras = _trained_extras(model)
+    adapted_biases = {f"{name}.base_layer.bias" for name in layers}
+    bias = "none" if not extras else "dora_only" if set(extras) <= adapted_biases else "all"
+    if base_model_name_or_path is None:
+        base_model_name_or_path = (
+            getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        )
+    return {
+        "peft_type": "LORA",
+        "use_dora": first.use_dora,
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
+        "target_modules": sorted(layers),
+        "lora_dropout": dropouts.pop(),
+        "use_rslora": first.use_rslora,
+        "fan_in_fan_out": any(isinstance(layer, DoRAConv1D) for layer in layers.values()),
+        "bias": _BIAS_MODES[bias],
+        "modules_to_save": sorted(_wrappers(model)) or None,
+        "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": None,
+        "inference_mode": True,
+    }
+
+
+def _expect(config: dict, key: str, kinds: type | tuple[type, ...], default=None):
+    value = config.get(key, default)
+    bool_for_number = isinstance(value, bool) and kinds is not bool
+    if value is not None and (bool_for_number or not isinstance(value, kinds)):
+        names = (
+            kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
+        )
+        raise AdapterFileError(f"adapter_config.json: {key!r} must be {names}, got {value!r}")
+    return value
+
+
+def dora_config_from_peft(config: dict, module_names: list[str]) -> DoRAConfig:
+    """The :class:`DoRAConfig` that recreates a PEFT adapter's layers on ``module_names``.
+
+    Targets come from the tensors actually in the file (robust to PEFT's other targeting
+    options); ranks, alphas and the rest from the config.
+    """
+    if config.get("peft_type") != "LORA":
+        raise AdapterFileError(
+            f"adapter_config.json: peft_type is {config.get('peft_type')!r}; torchdora loads "
+            "LoRA/DoRA adapters (peft_type 'LORA')"
+        )
+    rank = _expect(config, "r", int, 8)
+    alpha = _expect(config, "lora_alpha", (int, float), rank)
+    bias = _expect(config, "bias", str, "none")
+    modes = {v: k for k, v in _BIAS_MODES.items()}
+    if bias not in modes:
+        raise AdapterFileError(
+            f"adapter_config.json: bias must be one of {sorted(modes)}, got {bias!r}"
+        )
+    to_save = _expect(config, "modules_to_save", list)
+    try:
+        return DoRAConfig(
+            rank=rank,
+            alpha=float(alpha),
+            dropout=float(_expect(config, "lora_dropout", (int, float), 0.0)),
+            target_modules="|".join(re.escape(name) for name in module_names),
+            use_dora=bool(_expect(config, "use_dora", bool, False)),
+            use_rslora=bool(_expect(config, "use_rslora", bool, False)),
+            rank_pattern=dict(_expect(config, "rank_pattern", dict, {})),
+            alpha_pattern=dict(_expect(config, "alpha_pattern", dict, {})),
+            modules_to_save=to_save or None,
+            bias=modes[bias],
+        )
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"adapter_config.json describes an unusable adapter: {err}") from err
+
+
+def split_peft_key(key: str) -> tuple[str, str] | None:
+    """``base_model.model.<path>.<suffix>`` → ``(path, our parameter name)`` for adapter
+    factors, else ``None``."""
+    if not key.startswith(PREFIX):
+        return None
+    for suffix, param in _SUFFIXES.items():
+        if key.endswith("." + suffix):
+            return key[len(PREFIX) : -len(suffix) - 1], param
+    return None
+
+
+def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Copy PEFT-keyed ``tensors`` into ``model``'s adapters; every key must find its place.
+
+    Raises :class:`AdapterFileError` naming unknown keys, missing tensors, wrong shapes, or
+    non-finite values. Values are cast to each parameter's dtype (the magnitude stays float32).
+    """
+    layers = dict(dora_modules(model))
+    targets: dict[str, tuple[Tensor, Tensor]] = {}  # key -> (parameter, value)
+    unknown = []
+    for key, value in tensors.items():
+        parsed = split_peft_key(key)
+        if parsed is not None and parsed[0] in layers:
+            path, param = parsed
+            where = peft_layout(layers[path]).get(param)
+            if where is None:
+                unknown.append(key)
+                continue
+            if tuple(value.shape) != where.shape:
+                raise AdapterFileError(
+                    f"{key}: expected shape {where.shape}, found {tuple(value.shape)}"
+                    + (" (rank mismatch)" if param in ("lora_A", "lora_B") else "")
+                )
+            targets[key] = (getattr(layers[path], param), value)
+        else:
+            unknown.append(key)
+    named = _named_saved_tensors(model)
+    still_unknown = []
+    for key in unknown:
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else None
+        if name in named:
+            param = named[name]
+            if tuple(value_shape := tensors[key].shape) != tuple(param.shape):
+                raise AdapterFileError(
+                    f"{key}: expected shape {tuple(param.shape)}, found {tuple(value_shape)}"
+                )
+            targets[key] = (param, tensors[key])
+        else:
+            still_unknown.append(key)
+    if still_unknown:
+        listed = sorted(still_unknown)
+        more = f" and {len(listed) - 10} more" if len(listed) > 10 else ""
+        raise AdapterFileError(
+            f"the adapter has tensors for modules this model does not have: {listed[:10]}{more}"
+        )
+    expected = {
+        f"{PREFIX}{path}.{where.suffix}"
+        for path, layer in layers.items()
+        for where in peft_layout(layer).values()
+    }
+    missing = sorted(expected - set(targets))
+    if missing:
+        raise AdapterFileError(
+            f"the adapter file lacks tensors the model's adapters need: {missing[:10]}"
+        )
+    for key, (_, value) in targets.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AdapterFileError(f"{key} holds NaN or Inf values; refusing to load it")
+    with torch.no_grad():
+        for param, value in targets.values():
+            param.copy_(value.reshape(param.shape))
+
+
+def _named_saved_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Non-factor tensors an adapter file may carry, by name: any model parameter (trained
+    biases; PEFT's ``save_embedding_layers`` base weights) and the modules-to-save copies
+    (named as PEFT names them, without ``module_to_save``)."""
+    named: dict[str, Tensor] = dict(model.named_parameters())
+    for name, wrapper in _wrappers(model).items():
+        for key, tensor in wrapper.module_to_save.state_dict(keep_vars=True).items():
+            named[f"{name}.{key}"] = tensor
+    return named

@@ -1,0 +1,117 @@
+"""Model-level adapter operations: iterate, merge, unmerge, unload, disable, count."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from torchdora.layers.base import DoRALayer
+from torchdora.model.modules_to_save import ModulesToSaveWrapper
+
+
+def dora_modules(model: nn.Module) -> Iterator[tuple[str, DoRALayer]]:
+    """``(name, layer)`` for every DoRA (or LoRA) layer in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, DoRALayer):
+            yield name, module
+
+
+def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
+def merge_adapter(model: nn.Module) -> None:
+    """Write every adapter into its base weight (reversible with :func:`unmerge_adapter`).
+
+    Raises ``ValueError`` if an adapted weight is tied to another module's (tied
+    embeddings): merging would change that module too.
+    """
+    _check_not_tied(model)
+    for _, layer in dora_modules(model):
+        layer.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Restore every base weight (to rounding) after :func:`merge_adapter`."""
+    for _, layer in dora_modules(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base modules back, in place; returns ``model``.
+
+    Afterwards the model holds no torchdora modules: each DoRA layer is replaced by what its
+    ``merge_and_unload()`` returns (its base module carrying ``W'``; a new float ``nn.Linear``
+    for a quantized base), each modules-to-save wrapper by its trained copy. Outputs equal the
+    adapted model's to rounding. Parameters keep their ``requires_grad`` flags.
+    """
+    _check_not_tied(model)
+    replacements = [(n, m.merge_and_unload()) for n, m in list(dora_modules(model))]
+    replacements += [(n, m.module_to_save) for n, m in _wrappers(model)]
+    for name, module in replacements:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, module)
+    return model
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the ``with`` block ``model`` computes exactly as the base model did.
+
+    Every DoRA layer runs its base layer alone and every modules-to-save wrapper its original
+    module. Biases trained with ``bias="all"``/``"dora_only"`` are part of the base modules and
+    stay as trained. Raises ``RuntimeError`` if adapters are merged (unmerge them first).
+    """
+    modules = [m for _, m in dora_modules(model)] + [m for _, m in _wrappers(model)]
+    if not modules:
+        raise ValueError("disable_adapter: the model has no torchdora adapters")
+    merged = [n for n, m in dora_modules(model) if m.merged]
+    if merged:
+        raise RuntimeError(
+            f"disable_adapter: adapters are merged into their base weights ({merged[:3]} …); "
+            "call unmerge_adapter(model) first"
+        )
+    previous = [m.disabled for m in modules]
+    for module in modules:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module, state in zip(modules, previous, strict=True):
+            module.disabled = state
+
+
+def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter elements of ``model`` (shared parameters counted once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: … || all params: … || trainable%: …`` (PEFT's format)."""
+    trainable, total = count_trainable_parameters(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+    )
+
+
+def _check_not_tied(model: nn.Module) -> None:
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)].append(name)
+    for name, layer in dora_modules(model):
+        if layer.merged:
+            continue
+        others = [n for n in owners[id(layer.weight)] if not n.startswith(name + ".")]
+        if others:
+            raise ValueError(
+                f"cannot merge {name!r}: its base weight is tied to {others} (tied embeddings?), "
+                "so merging would change those modules too. Keep this adapter unmerged, or untie "
+                "the weights (give one module its own copy) before apply_dora"
+            )

@@ -1,0 +1,119 @@
+"""Shared checks for the DoRA layer kinds against a float64 autograd reference.
+
+Each kind's test file supplies ``naive(x, W, b, A, B, m, s, eps, detach_norm)``: the layer's
+output built from an explicit dense adapted weight (see ``reference.naive_dora_weight``) and
+the plain functional op (``F.conv2d``, ``F.embedding``, ``x @ W``). Nothing here calls
+torchdora's maths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reference import rel_err
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def randomize(layer, *, b_std: float = 0.3) -> None:
+    """Non-zero ``B``, random ``A`` and a magnitude away from its init (the base is untouched)."""
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_(std=b_std)
+        if layer.magnitude is not None:
+            layer.magnitude.uniform_(0.5, 2.0)
+
+
+def reference(layer, x, naive, grad_out=None, detach_norm=False):
+    """Output and gradients of ``naive`` in float64 on copies of the layer's tensors.
+
+    Each copy needs a gradient where the layer's tensor does (a trainable bias or base too).
+    """
+    tensors = {
+        "W": layer.weight,
+        "b": layer.bias,
+        "A": layer.lora_A,
+        "B": layer.lora_B,
+        "m": layer.magnitude,
+    }
+    leaves = {
+        k: v.detach().double().requires_grad_(v.requires_grad)
+        for k, v in tensors.items()
+        if v is not None
+    }
+    float_input = x.is_floating_point()
+    leaves["x"] = x.detach().double() if float_input else x
+    if float_input:
+        leaves["x"].requires_grad_()
+    out = naive(
+        leaves["x"],
+        leaves["W"],
+        leaves.get("b"),
+        leaves["A"],
+        leaves["B"],
+        leaves.get("m"),
+        layer.scaling,
+        layer.eps,
+        detach_norm,
+    )
+    if grad_out is None:
+        return out.detach(), {}
+    out.backward(grad_out.double())
+    grads = {
+        k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.grad is not None
+    }
+    return out.detach(), grads
+
+
+def ours(layer, x, grad_out):
+    """Output and gradients of ``layer`` (x, A, B, m, and b/W when they are trainable)."""
+    x = x.detach().clone()
+    if x.is_floating_point():
+        x.requires_grad_()
+    out = layer(x)
+    out.backward(grad_out.to(out.dtype))
+    grads = {
+        "x": x.grad,
+        "A": layer.lora_A.grad,
+        "B": layer.lora_B.grad,
+        "m": None if layer.magnitude is None else layer.magnitude.grad,
+        "b": None if layer.bias is None else layer.bias.grad,
+        "W": layer.weight.grad,
+    }
+    return out.detach(), {k: v for k, v in grads.items() if v is not None}
+
+
+def assert_matches_reference(layer, x, naive, dtype, detach_norm=False):
+    """Forward and every gradient within ``TOL[dtype]`` of the float64 reference."""
+    with torch.no_grad():
+        out_shape = layer(x).shape
+    grad_out = torch.randn(out_shape, dtype=torch.float64)
+    ref_out, ref = reference(layer, x, naive, grad_out, detach_norm)
+    out, got = ours(layer, x, grad_out)
+    assert out.dtype == dtype
+    assert rel_err(out, ref_out) <= TOL[dtype]
+    assert set(got) == set(ref), (set(got), set(ref))
+    grad_scale = max(float(g.norm()) for g in ref.values())
+    for name in got:
+        assert rel_err(got[name], ref[name], floor=grad_scale) <= TOL[dtype], name
+
+
+def assert_no_grad_forward_matches(layer, x, naive, tol=1e-10):
+    """The cached no-grad path (``inference_scale``) gives the reference output too."""
+    ref_out, _ = reference(layer, x, naive)
+    with torch.no_grad():
+        assert rel_err(layer(x), ref_out) <= tol
+        assert rel_err(layer(x), ref_out) <= tol  # second call: from the cache
+
+
+def assert_merge_round_trip(layer, x, tol=1e-12):
+    """merge() reproduces the adapted output with the base alone; unmerge() restores W."""
+    with torch.no_grad():
+        W0 = layer.weight.detach().clone()
+        before = layer(x)
+        layer.merge()
+        assert rel_err(layer.base_layer(x), before) <= tol
+        assert rel_err(layer(x), before) <= tol
+        layer.unmerge()
+        assert rel_err(layer.weight, W0) <= tol
+        assert rel_err(layer(x), before) <= tol
