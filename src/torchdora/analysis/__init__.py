@@ -1,0 +1,56 @@
+"""Weight-decomposition analysis (DoRA paper §2.2, figure 2): how far training moves each
+adapted layer's row magnitudes (ΔM) and directions (ΔD), for DoRA, LoRA and full fine-tuning,
+and plots of that and of loss curves.
+
+Measuring needs only PyTorch; the plots need matplotlib (``pip install 'torchdora[analysis]'``).
+"""
+
+from torchdora.analysis.change import LayerChange, dense_change, factored_change
+from torchdora.analysis.plots import plot_decomposition, plot_loss_curves
+from torchdora.analysis.records import (
+    DECOMPOSITION_FILE,
+    METRICS_FILE,
+    decomposition_points,
+    decomposition_record,
+    method_correlations,
+    pearson,
+    read_decomposition,
+    read_jsonl,
+    read_loss_curves,
+)
+from torchdora.analysis.reference import (
+    LayerReference,
+    capture_reference,
+    decomposition_change,
+    state_dict_change,
+    weight_rows,
+)
+from torchdora.analysis.runs import DECOMPOSITION_PLOT, LOSS_PLOT, analyze_runs
+from torchdora.analysis.tracking import DecompositionTracker, infer_method
+
+__all__ = [
+    "DECOMPOSITION_FILE",
+    "DECOMPOSITION_PLOT",
+    "LOSS_PLOT",
+    "METRICS_FILE",
+    "DecompositionTracker",
+    "LayerChange",
+    "LayerReference",
+    "analyze_runs",
+    "capture_reference",
+    "decomposition_change",
+    "decomposition_points",
+    "decomposition_record",
+    "dense_change",
+    "factored_change",
+    "infer_method",
+    "method_correlations",
+    "pearson",
+    "plot_decomposition",
+    "plot_loss_curves",
+    "read_decomposition",
+    "read_jsonl",
+    "read_loss_curves",
+    "state_dict_change",
+    "weight_rows",
+]
