@@ -6,6 +6,7 @@ from torchdora.layers.conv1d import DoRAConv1D
 from torchdora.layers.dispatch import LayerKind, layer_kind_for, register_layer_kind
 from torchdora.layers.embedding import DoRAEmbedding
 from torchdora.layers.linear import DoRALinear, LoRALinear
+from torchdora.layers.quantized import QuantizedDoRALinear
 
 __all__ = [
     "DoRAConv",
@@ -15,6 +16,7 @@ __all__ = [
     "DoRALinear",
     "LayerKind",
     "LoRALinear",
+    "QuantizedDoRALinear",
     "layer_kind_for",
     "recommended_defaults",
     "register_layer_kind",

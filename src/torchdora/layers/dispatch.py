@@ -18,6 +18,8 @@ from torchdora.layers.conv import DoRAConv
 from torchdora.layers.conv1d import DoRAConv1D
 from torchdora.layers.embedding import DoRAEmbedding
 from torchdora.layers.linear import DoRALinear
+from torchdora.layers.quantized import QuantizedDoRALinear
+from torchdora.quantization import is_quantized_linear
 
 #: ``factory(base_module, rank=..., alpha=..., dropout=..., use_rslora=..., use_dora=...,
 #: detach_norm=..., freeze_base=..., eps=..., init=...) -> DoRALayer``
@@ -52,6 +54,14 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
 
 
 _LAYER_KINDS: list[LayerKind] = [
+    # before nn.Linear: bitsandbytes/torchao quantized Linears are nn.Linear subclasses/instances
+    LayerKind(
+        "quantized Linear (bitsandbytes, torchao)",
+        nn.Module,
+        QuantizedDoRALinear,
+        linear=True,
+        matches=is_quantized_linear,
+    ),
     LayerKind("nn.Linear", nn.Linear, DoRALinear.from_linear, linear=True),
     LayerKind("nn.Conv1d", nn.Conv1d, DoRAConv, linear=False),
     LayerKind("nn.Conv2d", nn.Conv2d, DoRAConv, linear=False),

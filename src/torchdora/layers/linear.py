@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from torchdora import functional as DF
 from torchdora.layers.base import DoRALayer
+from torchdora.quantization import is_quantized_linear
 
 
 class DoRALinear(DoRALayer):
@@ -67,6 +68,11 @@ class DoRALinear(DoRALayer):
         """Wrap ``linear`` (kept by reference, not copied); the result starts equal to it."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if is_quantized_linear(linear):
+            raise TypeError(
+                f"{type(linear).__name__} has a quantized weight; wrap it with "
+                "QuantizedDoRALinear.from_module (apply_dora picks it automatically)"
+            )
         return cls(
             linear.in_features,
             linear.out_features,

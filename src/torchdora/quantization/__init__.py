@@ -1,0 +1,59 @@
+"""Quantized frozen bases (QDoRA): which libraries' Linear layers torchdora can adapt, and how.
+
+One registry of backends, each a :class:`QuantizedBackend`: bitsandbytes (``Linear4bit`` NF4/FP4,
+``Linear8bitLt``; ``pip install torchdora[bnb]``) and torchao (int8 and int4 weight-only, NF4;
+``pip install torchdora[torchao]``). Nothing here imports those libraries until a quantized
+module is dequantized or :func:`quantize_linear` is called.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from torchdora.quantization.ao import TorchAOBackend
+from torchdora.quantization.backend import CHUNK_ELEMENTS, QuantizedBackend
+from torchdora.quantization.bnb import BitsandbytesBackend
+
+BACKENDS: tuple[QuantizedBackend, ...] = (BitsandbytesBackend(), TorchAOBackend())
+
+#: Every ``method`` :func:`quantize_linear` accepts, e.g. for a ``--quantize`` flag.
+QUANTIZATION_METHODS: tuple[str, ...] = tuple(m for b in BACKENDS for m in b.methods)
+
+
+def backend_for(module: nn.Module) -> QuantizedBackend | None:
+    """The backend whose quantized Linear ``module`` is, or ``None`` (by names; imports nothing)."""
+    return next((backend for backend in BACKENDS if backend.owns(module)), None)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized Linear that :class:`QuantizedDoRALinear` can adapt."""
+    return backend_for(module) is not None
+
+
+def quantize_linear(linear: nn.Linear, method: str) -> nn.Module:
+    """A quantized copy of ``linear`` (weight and bias), made by the library ``method`` names.
+
+    ``method`` is one of :data:`QUANTIZATION_METHODS`: ``"bnb-nf4"``, ``"bnb-fp4"``,
+    ``"bnb-int8"`` (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) or ``"torchao-int8"``,
+    ``"torchao-int4"`` (int4, groups of 64), ``"torchao-nf4"``. ``linear`` is left unchanged.
+    Raises ``ImportError`` naming the extra to install if the library is missing.
+    """
+    if type(linear) is not nn.Linear:
+        raise TypeError(f"quantize_linear expects an nn.Linear, got {type(linear).__name__}")
+    backend = next((b for b in BACKENDS if method in b.methods), None)
+    if backend is None:
+        raise ValueError(
+            f"unknown quantization method {method!r}; choose one of {QUANTIZATION_METHODS}"
+        )
+    return backend.quantize(linear, method)
+
+
+__all__ = [
+    "BACKENDS",
+    "CHUNK_ELEMENTS",
+    "QUANTIZATION_METHODS",
+    "QuantizedBackend",
+    "backend_for",
+    "is_quantized_linear",
+    "quantize_linear",
+]
