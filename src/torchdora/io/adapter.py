@@ -22,6 +22,7 @@ from torchdora.io.peft_format import (
 )
 from torchdora.layers.base import DoRALayer
 from torchdora.model import ModulesToSaveWrapper, apply_dora, dora_modules, merge_and_unload
+from torchdora.quantization import dequantize_model
 
 
 def save_adapter(
@@ -88,13 +89,15 @@ save_pretrained = save_adapter
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a copy of ``model`` with the adapters merged into plain layers.
+    """Write a copy of ``model`` with the adapters merged into plain layers (and any quantized
+    base dequantized to float32).
 
     A ``transformers`` model is written with its own ``save_pretrained`` (loads without
     torchdora); any other model as ``model.safetensors`` holding its state dict. ``model``
     itself is not changed (the copy costs one model's memory).
     """
     merged = merge_and_unload(copy.deepcopy(model))
+    dequantize_model(merged)  # untargeted quantized Linears of a QDoRA model, too
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if hasattr(merged, "save_pretrained"):

@@ -8,6 +8,7 @@ module is dequantized or :func:`quantize_linear` is called.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from torchdora.quantization.ao import TorchAOBackend
@@ -48,12 +49,49 @@ def quantize_linear(linear: nn.Linear, method: str) -> nn.Module:
     return backend.quantize(linear, method)
 
 
+def quantize_model(model: nn.Module, method: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Replace every plain ``nn.Linear`` of ``model`` (except those named in ``exclude`` or
+    inside them) by its quantized copy, in place, as QLoRA/QDoRA do before adding adapters.
+
+    Returns the names of the replaced modules.
+    """
+    skipped = tuple(f"{name}." for name in exclude)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name not in exclude and not name.startswith(skipped)
+    ]
+    for name in names:
+        model.set_submodule(name, quantize_linear(model.get_submodule(name), method))
+    return names
+
+
+def dequantize_model(model: nn.Module) -> list[str]:
+    """Replace every quantized Linear of ``model`` by a float32 ``nn.Linear`` holding its
+    dequantized weight, in place (for exports that must load without the quantization
+    library). Returns the names of the replaced modules."""
+    names = [name for name, module in model.named_modules() if is_quantized_linear(module)]
+    for name in names:
+        module = model.get_submodule(name)
+        weight = backend_for(module).dequantize(module)
+        bias = getattr(module, "bias", None)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        model.set_submodule(name, linear.to(weight.device).requires_grad_(False))
+    return names
+
+
 __all__ = [
     "BACKENDS",
     "CHUNK_ELEMENTS",
     "QUANTIZATION_METHODS",
     "QuantizedBackend",
     "backend_for",
+    "dequantize_model",
     "is_quantized_linear",
     "quantize_linear",
+    "quantize_model",
 ]

@@ -148,4 +148,6 @@ class BitsandbytesBackend(QuantizedBackend):
                 quant_type=_FOUR_BIT[method],
             )
         quantized.load_state_dict(linear.state_dict())
-        return quantized.to(linear.weight.device)  # bitsandbytes quantizes on the move
+        quantized = quantized.to(linear.weight.device)  # bitsandbytes quantizes on the move
+        self.check(quantized)  # no CPU repacking, adapted or not (see the class docstring)
+        return quantized
