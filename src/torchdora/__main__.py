@@ -1,0 +1,3 @@
+from torchdora.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""``torchdora`` command line: a thin front end over :mod:`torchdora.finetune`, :mod:`torchdora.io`
+and :mod:`torchdora.analysis`. Bad input prints one line and exits with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FLAG_TYPES = {  # finetune flags: name -> type (also the config-file keys)
+    "method": str,
+    "rank": int,
+    "alpha": float,
+    "dropout": float,
+    "targets": str,
+    "model": str,
+    "data": str,
+    "text_column": str,
+    "label_column": str,
+    "test_size": float,
+    "max_length": int,
+    "epochs": int,
+    "max_steps": int,
+    "lr": float,
+    "magnitude_lr": float,
+    "loraplus_ratio": float,
+    "batch_size": int,
+    "grad_accum": int,
+    "precision": str,
+    "seed": int,
+    "eval_steps": int,
+    "save_steps": int,
+    "quantize": str,
+    "output": str,
+    "resume": str,
+    "progress": str,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchdora",
+        description="Fine-tune models with DoRA (exact, factored, PEFT-compatible).",
+    )
+    sub = parser.add_subparsers(dest="command")
+    finetune = sub.add_parser(
+        "finetune",
+        help="fine-tune a text classifier (default: MiniLM on BBC News, DoRA r=8)",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, kind in FLAG_TYPES.items():
+        finetune.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    finetune.add_argument("--config", dest="config_file", help="TOML/JSON file with the same keys")
+    finetune.add_argument("--compare", help="comma-separated methods to train side by side")
+
+    evaluate = sub.add_parser("evaluate", help="held-out accuracy of a saved adapter or model")
+    predict = sub.add_parser("predict", help="classify a few texts with a saved adapter or model")
+    for command in (evaluate, predict):
+        command.add_argument("--model", help="model folder (default: the bundled MiniLM)")
+        command.add_argument("--adapter", help="a run's adapter/ folder")
+        command.add_argument("--max-length", dest="max_length", type=int, default=128)
+    evaluate.add_argument("--data", help="CSV/TSV/JSONL to evaluate on (default: held-out split)")
+    evaluate.add_argument("--text-column", dest="text_column", default="text")
+    evaluate.add_argument("--label-column", dest="label_column", default="label")
+    predict.add_argument("texts", nargs="+", help="texts to classify")
+
+    inspect = sub.add_parser("inspect", help="what an adapter folder holds")
+    inspect.add_argument("path")
+    analyze = sub.add_parser("analyze", help="ΔM/ΔD and loss plots of training runs")
+    analyze.add_argument("runs", nargs="+", help="run folders")
+    analyze.add_argument("--out", default=None, help="where the PNGs go (default: first run)")
+    return parser
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config: {file} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        elif file.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # optional: only for YAML config files
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except ImportError:
+        raise ValueError("YAML config files need PyYAML (pip install pyyaml)") from None
+    except Exception as err:  # each parser has its own error type
+        raise ValueError(f"--config: {file} cannot be parsed: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {file} must hold a table of settings")
+    return values
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from torchdora.finetune import FinetuneConfig, run_finetune
+
+    flags = vars(args).copy()
+    config_file, compare = flags.pop("config_file", None), flags.pop("compare", None)
+    flags.pop("command", None)
+    values = _read_config_file(config_file) if config_file else {}
+    values.update(flags)
+    if compare:
+        return _compare(values, [m.strip() for m in compare.split(",") if m.strip()])
+    run_finetune(FinetuneConfig.from_dict(values))
+    return 0
+
+
+def _compare(values: dict[str, Any], methods: list[str]) -> int:
+    """Train each method in a fresh process (so peak memory is its own) with the same seed,
+    data and budget, then print a side-by-side table."""
+    from torchdora.finetune import FinetuneConfig
+
+    for method in methods:
+        FinetuneConfig.from_dict({**values, "method": method})  # fail fast on bad settings
+    root = Path(values.get("output") or tempfile.mkdtemp(prefix="torchdora-compare-"))
+    rows = []
+    for method in methods:
+        run = {**values, "method": method, "output": str(root / method)}
+        config_path = root / f"{method}.json"
+        root.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(run))
+        print(f"== {method} ==", flush=True)
+        cmd = [sys.executable, "-m", "torchdora", "finetune", "--config", str(config_path)]
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise RuntimeError(f"the {method} run failed (see its output above)")
+        rows.append(json.loads((root / method / "metrics.json").read_text()))
+    header = ("method", "acc before", "acc after", "trainable", "s/step", "peak MB")
+    print("\n{:<8}{:>12}{:>11}{:>12}{:>9}{:>9}".format(*header))
+    for row in rows:
+        print(
+            f"{row['method']:<8}{row['accuracy_before']:>12.4f}{row['accuracy_after']:>11.4f}"
+            f"{row['trainable_parameters']:>12,}{row['time_per_step_s']:>9.3f}{row['peak_rss_mb']:>9.0f}"
+        )
+    print(f"runs in {root}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from torchdora.finetune import evaluate_saved
+
+    metrics = evaluate_saved(
+        args.model,
+        args.adapter,
+        args.data,
+        args.text_column,
+        args.label_column,
+        max_length=args.max_length,
+    )
+    print(f"accuracy {metrics['eval_accuracy']:.4f}  loss {metrics['eval_loss']:.4f}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from torchdora.finetune import predict
+
+    labels = predict(args.model, args.adapter, args.texts, args.max_length)
+    for text, (label, prob) in zip(args.texts, labels, strict=True):
+        print(f"{label}\t{prob:.3f}\t{text[:80]}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from torchdora.io import inspect_adapter
+
+    print(inspect_adapter(args.path))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from torchdora.analysis import (
+        DECOMPOSITION_FILE,
+        analyze_runs,
+        method_correlations,
+        read_decomposition,
+    )
+
+    out = Path(args.out or args.runs[0])
+    for path in analyze_runs(args.runs, out):
+        print(f"wrote {path}")
+    files = [Path(run) / DECOMPOSITION_FILE for run in args.runs]
+    records = [r for file in files if file.is_file() for r in read_decomposition(file)]
+    for method, r in method_correlations(records).items():
+        print(f"{method}: corr(ΔD, ΔM) = {r:+.3f}")
+    return 0
+
+
+COMMANDS = {
+    "finetune": _finetune,
+    "evaluate": _evaluate,
+    "predict": _predict,
+    "inspect": _inspect,
+    "analyze": _analyze,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``torchdora`` console script and ``python -m torchdora``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers imports torchao whenever it is installed (it is, for QDoRA); keep its
+    # import-time chatter about CUDA-only kernels out of the job's output.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["finetune"]  # the main job
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"torchdora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"torchdora {args.command}: interrupted", file=sys.stderr)
+        return 130

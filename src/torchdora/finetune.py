@@ -1,0 +1,345 @@
+"""The text-classification fine-tune behind ``torchdora finetune``, as a library function.
+
+:class:`FinetuneConfig` is every setting of one run (the CLI's flags and config-file keys are
+its field names); :func:`run_finetune` loads the model and data, adapts the model, trains,
+evaluates before and after, and writes the run folder:
+
+* ``adapter/``: the adapter in PEFT's format (plus ``labels.json``, the class names);
+* ``merged/``: the model with the adapter merged in, loadable by ``transformers`` alone;
+* ``config.json``: the resolved settings; ``metrics.json``: the results;
+  ``metrics.jsonl``: every log/eval record; ``checkpoint/``: what ``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from torchdora.analysis import DECOMPOSITION_FILE, DecompositionTracker
+from torchdora.config import DoRAConfig
+from torchdora.io import load_adapter, save_adapter, save_merged
+from torchdora.model import apply_dora, count_trainable_parameters
+from torchdora.quantization import QUANTIZATION_METHODS, quantize_model
+from torchdora.train import (
+    DataError,
+    Trainer,
+    TrainingArguments,
+    bundled_model_path,
+    evaluate_classification,
+    load_bbc_news,
+    load_sequence_classifier,
+    load_text_classification,
+    pad_collate,
+    tokenize_classification,
+    train_test_split,
+)
+
+METHODS = ("dora", "lora")
+LABELS_FILE = "labels.json"
+HEAD_NAMES = ("classifier", "score", "pre_classifier")
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tune run. Defaults are the main job: DoRA on MiniLM's attention, BBC News.
+
+    Args:
+        method: ``"dora"`` or ``"lora"``.
+        rank, alpha, dropout: the adapter's (see :class:`~torchdora.DoRAConfig`).
+        targets: module names or a regex; ``None`` = the architecture's defaults.
+        model: a local ``transformers`` model folder; ``None`` = the bundled MiniLM.
+        data: a CSV/TSV/JSONL file with a text and a label column; ``None`` = BBC News.
+        text_column, label_column: the columns of ``data``.
+        test_size: held-out fraction (stratified, fixed by ``split_seed``).
+        max_length: tokens per text (longer texts are truncated).
+        epochs, max_steps, lr, magnitude_lr, loraplus_ratio, batch_size, grad_accum,
+            warmup_ratio, max_grad_norm, precision, seed, eval_steps, save_steps:
+            training settings, see :class:`~torchdora.train.TrainingArguments`.
+        quantize: QDoRA: quantize every Linear but the head first, with one of
+            :data:`torchdora.quantization.QUANTIZATION_METHODS` (e.g. ``"bnb-nf4"``).
+        output: the run folder; ``None`` = write nothing.
+        resume: a ``checkpoint/`` folder of an earlier run with the same settings.
+        progress: ``"auto"``, ``"bar"``, ``"log"`` or ``"none"``.
+    """
+
+    method: str = "dora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str | None = None
+    model: str | None = None
+    data: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    test_size: float = 0.2
+    split_seed: int = 0
+    max_length: int = 128
+    epochs: int = 1
+    max_steps: int | None = 150
+    lr: float = 2e-3
+    magnitude_lr: float | None = None
+    loraplus_ratio: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    quantize: str | None = None
+    output: str | None = None
+    resume: str | None = None
+    progress: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.extra:
+            raise ValueError(f"unknown settings: {sorted(self.extra)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 < self.test_size < 1.0:
+            raise ValueError(f"test_size must be in (0, 1), got {self.test_size}")
+        if self.quantize is not None and self.quantize not in QUANTIZATION_METHODS:
+            raise ValueError(
+                f"quantize must be one of {QUANTIZATION_METHODS}, got {self.quantize!r}"
+            )
+        if isinstance(self.targets, str) and "," in self.targets:
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        self.dora_config(head=None)  # validates rank, alpha, dropout, targets
+        self.training_arguments()  # validates the training settings
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """Build from a flat mapping (a config file); keys may use ``-`` or ``_``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known, extra = {}, {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            (known if name in names else extra)[name] = value
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+
+    def dora_config(self, head: list[str] | None) -> DoRAConfig:
+        return DoRAConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=self.targets,
+            use_dora=self.method == "dora",
+            modules_to_save=head,
+        )
+
+    def training_arguments(self) -> TrainingArguments:
+        out = Path(self.output) if self.output else None
+        return TrainingArguments(
+            learning_rate=self.lr,
+            magnitude_lr=self.magnitude_lr,
+            loraplus_lr_ratio=self.loraplus_ratio,
+            warmup_ratio=self.warmup_ratio,
+            max_grad_norm=self.max_grad_norm,
+            train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum,
+            num_train_epochs=self.epochs,
+            max_steps=self.max_steps,
+            precision=self.precision,
+            seed=self.seed,
+            eval_steps=self.eval_steps,
+            save_steps=self.save_steps,
+            checkpoint_dir=str(out / "checkpoint") if out else None,
+            metrics_file=str(out / "metrics.jsonl") if out else None,
+            progress=self.progress,
+        )
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove it writable now, before any training time is spent."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"output folder {path} is not writable: {err.strerror}") from None
+    return path
+
+
+def head_modules(model) -> list[str]:
+    """The classification head's module names, trained in full (``modules_to_save``)."""
+    return [name for name in HEAD_NAMES if hasattr(model, name)]
+
+
+def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``config`` end to end; returns the results written to ``metrics.json``.
+
+    Raises ``ValueError`` subclasses (``DataError``, ``ModelLoadError``, …) for unusable
+    input, all before the output folder is written to.
+    """
+    if config.resume and not Path(config.resume).is_dir():
+        raise ValueError(f"--resume: checkpoint folder {config.resume} does not exist")
+    data = (
+        load_bbc_news()
+        if config.data is None
+        else load_text_classification(config.data, config.text_column, config.label_column)
+    )
+    train_data, test_data = train_test_split(data, config.test_size, seed=config.split_seed)
+    if not train_data.texts or not test_data.texts:
+        raise DataError("the data is too small to hold out a test set; add examples")
+    model_dir = config.model or bundled_model_path()
+    model, tokenizer = load_sequence_classifier(model_dir, data.label_names)
+    head = head_modules(model)
+    if config.quantize:
+        quantized = quantize_model(model, config.quantize, exclude=tuple(head))
+        log(f"quantized {len(quantized)} Linear layers with {config.quantize} (QDoRA)")
+    apply_dora(model, config.dora_config(head))
+    output = check_output_dir(config.output) if config.output else None
+    trainable, total = count_trainable_parameters(model)
+    log(
+        f"{config.method.upper()} r={config.rank} alpha={config.alpha:g} "
+        f"on {Path(model_dir).name}: "
+        f"{trainable:,} trainable of {total:,} parameters; {len(train_data.texts)} train / "
+        f"{len(test_data.texts)} held-out examples, {len(data.label_names)} labels"
+    )
+
+    train_examples = tokenize_classification(tokenizer, train_data, config.max_length)
+    test_examples = tokenize_classification(tokenizer, test_data, config.max_length)
+    collate = partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0)
+    args = config.training_arguments()
+    evaluate = partial(
+        evaluate_classification,
+        examples=test_examples,
+        data_collator=collate,
+        precision=args.precision,
+    )
+    before = evaluate(model)
+    log(f"held-out accuracy before: {before['eval_accuracy']:.4f} (loss {before['eval_loss']:.4f})")
+    callbacks = []
+    if output is not None:  # ΔM/ΔD per layer at every log step, for `torchdora analyze`
+        tracker = DecompositionTracker(
+            model, method=config.method.upper(), path=output / DECOMPOSITION_FILE
+        )
+        if config.resume is None:
+            tracker(0, model)
+
+        def track(record: dict[str, Any]) -> None:
+            if "loss" in record:  # a training log record, not an evaluation
+                tracker(record["step"], model)
+
+        callbacks.append(track)
+    trainer = Trainer(
+        model, args, train_examples, data_collator=collate, eval_fn=evaluate, callbacks=callbacks
+    )
+    summary = trainer.train(resume_from_checkpoint=config.resume)
+    log(
+        f"held-out accuracy after:  {summary['eval_accuracy']:.4f} "
+        f"(loss {summary['eval_loss']:.4f}) — {summary['step']} steps, "
+        f"{summary['time_per_step_s']:.3f} s/step"
+    )
+    results = {
+        "method": config.method,
+        "accuracy_before": before["eval_accuracy"],
+        "loss_before": before["eval_loss"],
+        "accuracy_after": summary["eval_accuracy"],
+        "loss_after": summary["eval_loss"],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": summary["step"],
+        "time_per_step_s": summary["time_per_step_s"],
+        "train_tokens_per_s": summary["train_tokens_per_s"],
+        "train_runtime_s": summary["train_runtime_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "label_names": data.label_names,
+    }
+    if output is not None:
+        _write_run(output, config, model, tokenizer, results)
+        log(f"wrote {output}/adapter (PEFT format), {output}/merged, metrics.json, config.json")
+    return results
+
+
+def _write_run(output: Path, config: FinetuneConfig, model, tokenizer, results: dict) -> None:
+    adapter = save_adapter(model, output / "adapter")
+    (adapter / LABELS_FILE).write_text(json.dumps(results["label_names"]) + "\n")
+    merged = save_merged(model, output / "merged")
+    tokenizer.save_pretrained(merged)
+    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (output / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def load_classifier(model: str | None, adapter: str | None):
+    """``(model, tokenizer, label_names)`` for evaluation/prediction.
+
+    ``model`` is a folder (``None``: the bundled MiniLM); with ``adapter`` (a run's
+    ``adapter/`` folder) the adapter is loaded on top and the class names come from its
+    ``labels.json``; without, they come from the model's ``config.json`` (e.g. a run's
+    ``merged/`` folder).
+    """
+    model_dir = Path(model) if model else bundled_model_path()
+    if adapter is not None:
+        labels_path = Path(adapter) / LABELS_FILE
+        if not labels_path.is_file():
+            raise ValueError(f"{labels_path} is missing: --adapter must be a run's adapter folder")
+        label_names = json.loads(labels_path.read_text())
+    else:
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{model_dir} is not a transformers model folder (no config.json)")
+        id2label = json.loads(config_path.read_text()).get("id2label") or {}
+        label_names = [id2label[k] for k in sorted(id2label, key=int)]
+        if not label_names:
+            raise ValueError(f"{model_dir} has no classification labels; pass --adapter")
+    classifier, tokenizer = load_sequence_classifier(model_dir, label_names)
+    if adapter is not None:
+        load_adapter(classifier, adapter)
+    return classifier.eval(), tokenizer, label_names
+
+
+def evaluate_saved(
+    model: str | None,
+    adapter: str | None,
+    data: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    test_size: float = 0.2,
+    split_seed: int = 0,
+    max_length: int = 128,
+) -> dict[str, float]:
+    """Held-out metrics of a saved model/adapter: on ``data`` (all of it) if given, else on the
+    bundled data's held-out split (the one ``run_finetune`` held out with the same settings)."""
+    classifier, tokenizer, label_names = load_classifier(model, adapter)
+    if data is None:
+        _, test_data = train_test_split(load_bbc_news(), test_size, seed=split_seed)
+    else:
+        test_data = load_text_classification(data, text_column, label_column)
+    if test_data.label_names != label_names:
+        raise DataError(
+            f"the data's labels {test_data.label_names} differ from the model's {label_names}"
+        )
+    examples = tokenize_classification(tokenizer, test_data, max_length)
+    collate = partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0)
+    return evaluate_classification(classifier, examples, data_collator=collate)
+
+
+def predict(
+    model: str | None, adapter: str | None, texts: list[str], max_length: int = 128
+) -> list[tuple[str, float]]:
+    """``(label, probability)`` for each of ``texts``."""
+    import torch
+
+    classifier, tokenizer, label_names = load_classifier(model, adapter)
+    encoded = tokenizer(
+        texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        probs = classifier(**encoded).logits.float().softmax(dim=-1)
+    best = probs.max(dim=-1)
+    return [(label_names[int(i)], float(p)) for p, i in zip(best.values, best.indices, strict=True)]

