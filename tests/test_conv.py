@@ -11,35 +11,12 @@ from layer_kinds import (
     assert_matches_reference,
     assert_merge_round_trip,
     assert_no_grad_forward_matches,
+    naive_conv,
     randomize,
 )
 from layer_kinds import reference as layer_reference
-from reference import naive_dora_weight, rel_err
+from reference import rel_err
 from torchdora import DoRAConv
-
-CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def make_naive(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, use_dora: bool = True):
-    """The reference for ``conv``'s geometry: W' = (m/n)(W + s·BA) on flattened rows, one conv."""
-
-    def naive(x, W, b, A, B, m, s, eps, detach_norm):
-        rows = W.reshape(W.shape[0], -1)
-        if use_dora:
-            adapted = naive_dora_weight(rows, A, B, m, s, eps, detach_norm)
-        else:
-            adapted = rows + s * (B @ A)
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = 0
-        else:
-            padding = conv.padding
-        return CONV_FN[W.dim() - 2](
-            x, adapted.reshape(W.shape), b, conv.stride, padding, conv.dilation, conv.groups
-        )
-
-    return naive
-
 
 CONVS = {  # name: (constructor, input shape, rank)
     "1d-stride-pad": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11), 2),
@@ -80,17 +57,17 @@ def test_forward_and_gradients_match_reference(name, dtype, detach_norm):
     layer, x = random_conv(name, dtype, detach_norm=detach_norm)
     if layer.bias is not None:
         layer.bias.requires_grad_(True)  # check the bias gradient too
-    assert_matches_reference(layer, x, make_naive(layer.base_layer), dtype, detach_norm)
+    assert_matches_reference(layer, x, naive_conv(layer.base_layer), dtype, detach_norm)
 
 
 def test_trainable_base_kernel_gradient():
     layer, x = random_conv("2d-groups-same", freeze_base=False)
-    assert_matches_reference(layer, x, make_naive(layer.base_layer), torch.float64)
+    assert_matches_reference(layer, x, naive_conv(layer.base_layer), torch.float64)
 
 
 def test_no_grad_forward_and_unbatched_input():
     layer, x = random_conv("2d-dilated")
-    naive = make_naive(layer.base_layer)
+    naive = naive_conv(layer.base_layer)
     assert_no_grad_forward_matches(layer, x, naive)
     single = x[0]  # (C, H, W): conv layers accept unbatched input
     ref, _ = layer_reference(layer, single, naive)
@@ -101,7 +78,7 @@ def test_no_grad_forward_and_unbatched_input():
 def test_lora_variant_matches_plain_lora(name):
     layer, x = random_conv(name, use_dora=False)
     assert layer.magnitude is None
-    assert_matches_reference(layer, x, make_naive(layer.base_layer, use_dora=False), torch.float64)
+    assert_matches_reference(layer, x, naive_conv(layer.base_layer, use_dora=False), torch.float64)
 
 
 def test_init_reproduces_base_and_magnitude_is_per_output_channel():
@@ -136,7 +113,7 @@ def test_merge_writes_through_channels_last_kernel():
 
 def test_cache_follows_in_place_edit_of_kernel():
     layer, x = random_conv("1d-stride-pad")
-    naive = make_naive(layer.base_layer)
+    naive = naive_conv(layer.base_layer)
     assert_no_grad_forward_matches(layer, x, naive)
     with torch.no_grad():
         layer.base_layer.weight.mul_(3.0)
@@ -167,7 +144,7 @@ def test_dropout_on_low_rank_branch_only():
 
 def test_half_precision_input():
     layer, x = random_conv("2d-groups-same", dtype=torch.float32)
-    naive = make_naive(layer.base_layer)
+    naive = naive_conv(layer.base_layer)
     ref, _ = layer_reference(layer, x, naive)
     layer.base_layer.to(torch.bfloat16)
     out = layer(x.to(torch.bfloat16))

@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layer_kinds import (
     assert_matches_reference,
     assert_merge_round_trip,
     assert_no_grad_forward_matches,
+    naive_embedding,
     randomize,
 )
-from reference import naive_dora_weight, rel_err
+from reference import rel_err
 from torchdora import DoRAEmbedding
-
-
-def make_naive(embedding: nn.Embedding, use_dora: bool = True, embed_scale: float = 1.0):
-    """PEFT's convention: DoRA on Eᵀ (embedding_dim × num_embeddings), then a plain lookup."""
-
-    def naive(x, W, b, A, B, m, s, eps, detach_norm):
-        if use_dora:
-            table = naive_dora_weight(W.T, A, B, m, s, eps, detach_norm).T
-        else:
-            table = W + s * (B @ A).T
-        return F.embedding(x, table, padding_idx=embedding.padding_idx) * embed_scale
-
-    return naive
 
 
 def random_embedding(num=11, dim=6, rank=3, dtype=torch.float64, padding_idx=None, **options):
@@ -43,7 +30,7 @@ def random_embedding(num=11, dim=6, rank=3, dtype=torch.float64, padding_idx=Non
 @pytest.mark.parametrize("detach_norm", [False, True])
 def test_forward_and_gradients_match_reference(num, dim, rank, dtype, detach_norm):
     layer, x = random_embedding(num, dim, rank, dtype, detach_norm=detach_norm)
-    assert_matches_reference(layer, x, make_naive(layer.base_layer), dtype, detach_norm)
+    assert_matches_reference(layer, x, naive_embedding(layer.base_layer), dtype, detach_norm)
 
 
 def test_padding_idx_rows_of_A_get_no_lookup_gradient():
@@ -51,13 +38,7 @@ def test_padding_idx_rows_of_A_get_no_lookup_gradient():
     through the norm; m and B still see the padding tokens' outputs (the scale is shared)."""
     layer, x = random_embedding(padding_idx=2)
     x[0, :3] = 2  # the padding index is looked up
-
-    def naive(x, W, b, A, B, m, s, eps, detach_norm):
-        norm = torch.linalg.vector_norm(W.T + s * B @ A, dim=1)  # explicit d × V matrix
-        looked_up = F.embedding(x, W, padding_idx=2) + s * F.embedding(x, A.T, padding_idx=2) @ B.T
-        return (m / norm) * looked_up
-
-    assert_matches_reference(layer, x, naive, torch.float64)
+    assert_matches_reference(layer, x, naive_embedding(layer.base_layer), torch.float64)
 
 
 def test_magnitude_per_embedding_dimension_and_peft_init():
@@ -74,7 +55,7 @@ def test_magnitude_per_embedding_dimension_and_peft_init():
 
 def test_no_grad_forward_merge_and_unload():
     layer, x = random_embedding()
-    assert_no_grad_forward_matches(layer, x, make_naive(layer.base_layer))
+    assert_no_grad_forward_matches(layer, x, naive_embedding(layer.base_layer))
     assert_merge_round_trip(layer, x)
     expected = layer(x).detach()
     plain = layer.merge_and_unload()
@@ -85,7 +66,7 @@ def test_no_grad_forward_merge_and_unload():
 def test_lora_variant():
     layer, x = random_embedding(use_dora=False)
     assert layer.magnitude is None
-    naive = make_naive(layer.base_layer, use_dora=False)
+    naive = naive_embedding(layer.base_layer, use_dora=False)
     assert_matches_reference(layer, x, naive, torch.float64)
 
 
@@ -105,7 +86,7 @@ def test_embed_scale_scales_the_low_rank_branch_too():
     layer = DoRAEmbedding(base, rank=2)
     randomize(layer)
     x = torch.randint(0, 9, (2, 5))
-    naive = make_naive(base, embed_scale=3.0)
+    naive = naive_embedding(base, embed_scale=3.0)
     assert_matches_reference(layer, x, naive, torch.float64)
 
 

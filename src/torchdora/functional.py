@@ -10,14 +10,19 @@ through small matrices (DESIGN.md §1.1)::
 
     n_i² = c_i + 2s·Σ_r B_ir P_ir + s²·Σ_r (B G)_ir B_ir,   c = ‖W_i‖², P = W Aᵀ, G = A Aᵀ
 
-and ``P`` comes out of the same frozen matmul that produces ``W x``.
+and ``P`` comes out of the same frozen matmul that produces ``W x``. The numbers behind each
+choice below are in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def norm_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -57,29 +62,48 @@ def factored_row_norm(
         ``n² `` is clamped at 0 against cancellation, and the floor is applied as
         ``sqrt(max(n², eps²))`` so the gradient stays finite (zero) on floored rows.
     """
+    sq = _row_sq_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling)
+    return sq.clamp_min(eps * eps).sqrt()
+
+
+def _row_sq_norm(
+    weight_sq_norm: Tensor, weight_a: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
+) -> Tensor:
+    """``n² = c + 2s·Σ B⊙P + s²·Σ (B G)⊙B`` per row, before the floor."""
     dtype = weight_sq_norm.dtype
     B = lora_B.to(dtype)
     A = lora_A.to(dtype)
     gram = A @ A.T
     cross = (B * weight_a.to(dtype)).sum(dim=1)
     quad = ((B @ gram) * B).sum(dim=1)
-    sq = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    return sq.clamp_min(eps * eps).sqrt()
+    return weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
+
+
+STACK_MAX_TOKENS_PER_OUT = 0.5
+"""See :func:`stack_base_matmul`: stack while ``T · itemsize ≤ this · d_out · 4``."""
+
+
+def stack_base_matmul(tokens: int, weight: Tensor, rank: int) -> bool:
+    """Whether the forward runs the frozen matmul once over ``[x; A]`` rather than twice.
+
+    Stacking copies ``x`` into the ``(T + r) × d_in`` stacked input (a fresh allocation and a
+    pass over ``T × d_in``); the separate ``W Aᵀ`` reads all of ``W`` again for only ``r``
+    rows, at a fraction of the matmul's peak. The copy grows with ``T``, the extra read with
+    ``d_out``: measured on CPU (``benchmarks/stack_rule.py``), stacking wins up to about
+    ``T = 0.5·d_out`` tokens in float32 (``T = d_out`` in 16-bit), at every rank we tried.
+    The backward shares one matmul either way.
+    """
+    return tokens * weight.element_size() <= STACK_MAX_TOKENS_PER_OUT * 4 * weight.shape[0]
 
 
 def base_and_weight_a(
     x2d: Tensor, weight: Tensor, lora_A: Tensor, stack: bool
 ) -> tuple[Tensor, Tensor]:
-    """``(x Wᵀ, W Aᵀ)`` from the frozen weight.
-
-    With ``stack=True`` one matmul runs over ``[x; A]`` so ``W`` is read once and the
-    backward for ``x`` and ``A`` is one matmul too; worth it when ``x`` needs a gradient.
-    """
+    """``(x Wᵀ, W Aᵀ)`` from the frozen weight, as one matmul over ``[x; A]`` or as two."""
     A = lora_A.to(x2d.dtype)
     if stack:
-        out = F.linear(torch.cat([x2d, A]), weight)
-        tokens = x2d.shape[0]
-        return out[:tokens], out[tokens:].T
+        base, weight_a_t = F.linear(torch.cat([x2d, A]), weight).split([x2d.shape[0], len(A)])
+        return base, weight_a_t.T
     return F.linear(x2d, weight), F.linear(A, weight).T
 
 
@@ -90,6 +114,18 @@ def add_lora(
     dtype = lora_input.dtype
     low_rank = F.linear(lora_input, lora_A.to(dtype))
     return torch.addmm(base, low_rank, lora_B.to(dtype).T, alpha=scaling)
+
+
+def add_lora_(
+    out: Tensor, lora_input: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
+) -> Tensor:
+    """``out += s·(x Aᵀ) Bᵀ`` in place: one fresh ``T × d_out`` tensor fewer than :func:`add_lora`.
+
+    On CPU a fresh tensor of that size costs about as much as two passes over it (the pages
+    are faulted in anew each step), which is measurable next to a ``T × d_out`` matmul.
+    """
+    low_rank = F.linear(lora_input, lora_A.to(lora_input.dtype)).to(out.dtype)
+    return out.addmm_(low_rank, lora_B.to(out.dtype).T, alpha=scaling)
 
 
 def dora_linear(
@@ -105,13 +141,16 @@ def dora_linear(
     lora_input: Tensor | None = None,
     eps: float = 1e-8,
     detach_norm: bool = False,
-    stack: bool = True,
+    stack: bool | None = None,
 ) -> Tensor:
     """DoRA forward for a linear base: ``y = (m/n) ⊙ (W x + s·B(A·x_lora)) + b``.
 
+    In eager mode the backward is written out (:class:`DoRALinearFunction`); under
+    ``torch.compile`` the same maths runs as plain autograd ops for the compiler to trace.
+
     Args:
         x: ``(..., d_in)``.
-        weight: frozen ``W``, ``(d_out, d_in)``.
+        weight: ``W``, ``(d_out, d_in)``; frozen as a rule, but a trainable one gets its gradient.
         bias: ``(d_out,)`` or ``None``.
         lora_A, lora_B, magnitude: adapter parameters.
         scaling: ``s = alpha / r`` (or ``alpha / sqrt(r)``).
@@ -119,21 +158,230 @@ def dora_linear(
         lora_input: input of the low-rank branch (e.g. dropout of ``x``); defaults to ``x``.
         eps: floor of the row norm.
         detach_norm: treat ``n`` as a constant in backward (paper §4.3 / PEFT).
-        stack: share the frozen matmul between ``x`` and ``A`` (see :func:`base_and_weight_a`).
+        stack: share the frozen forward matmul between ``x`` and ``A``; ``None`` picks by
+            :func:`stack_base_matmul`.
 
     Returns:
-        ``(..., d_out)`` in ``x``'s dtype.
+        ``(..., d_out)`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``).
     """
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
+    lora_x = None if lora_input is None else lora_input.reshape(-1, d_in)
+    if stack is None:
+        stack = stack_base_matmul(x2d.shape[0], weight, lora_A.shape[0])
+    adapter = (lora_A, lora_B, magnitude, weight_sq_norm, scaling, eps, detach_norm, stack)
+    if torch.compiler.is_compiling():
+        out = _dora_linear_autograd(x2d, lora_x, weight, bias, *adapter)
+    else:
+        with _autocast_off(x) as dtype:
+            x2d, lora_x, weight, bias = (_cast(t, dtype) for t in (x2d, lora_x, weight, bias))
+            out = DoRALinearFunction.apply(x2d, lora_x, weight, bias, *adapter)
+    return out.reshape(*lead, -1)
+
+
+def _dora_linear_autograd(
+    x2d, lora_x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, eps,
+    detach_norm, stack,
+) -> Tensor:  # fmt: skip
+    """:func:`dora_linear` in plain autograd ops, for ``torch.compile`` to trace and fuse."""
     base, weight_a = base_and_weight_a(x2d, weight, lora_A, stack)
     norm = factored_row_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling, eps)
     if detach_norm:
         norm = norm.detach()
-    scale = (magnitude.to(norm.dtype) / norm).to(x.dtype)
-    lora_x = x2d if lora_input is None else lora_input.reshape(-1, d_in)
-    direction = add_lora(base, lora_x, lora_A, lora_B, scaling)
-    return _rescale(direction, scale, bias).reshape(*lead, -1)
+    scale = (magnitude.to(norm.dtype) / norm).to(x2d.dtype)
+    direction = add_lora(base, x2d if lora_x is None else lora_x, lora_A, lora_B, scaling)
+    return _rescale(direction, scale, bias)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+@contextmanager
+def _autocast_off(like: Tensor) -> Iterator[torch.dtype]:
+    """Switch autocast off for a block, yielding the dtype it should compute in.
+
+    :class:`DoRALinearFunction` mixes dtypes on purpose (the norm in float32) and writes into
+    buffers in place, which autocast's per-op casting would break; it casts once instead.
+    """
+    device = like.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        yield like.dtype
+        return
+    with torch.autocast(device, enabled=False):
+        yield torch.get_autocast_dtype(device) if like.is_floating_point() else like.dtype
+
+
+def _direction_buffer(
+    x2d: Tensor, lora_x: Tensor | None, weight: Tensor, A: Tensor, B: Tensor, scaling: float,
+    stack: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``[W x + s·B A x_lora ; (W Aᵀ)ᵀ]`` as one ``(T + r) × d_out`` buffer, and ``A x_lora``.
+
+    ``A`` and ``B`` come in ``x2d``'s dtype.
+    """
+    tokens = x2d.shape[0]
+    if stack:
+        buffer = F.linear(torch.cat([x2d, A]), weight)
+    else:
+        buffer = x2d.new_empty(tokens + A.shape[0], weight.shape[0])
+        torch.mm(x2d, weight.T, out=buffer[:tokens])
+        torch.mm(A, weight.T, out=buffer[tokens:])
+    low_rank = F.linear(x2d if lora_x is None else lora_x, A)
+    buffer[:tokens].addmm_(low_rank, B.T, alpha=scaling)
+    return buffer, low_rank
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """:func:`dora_linear` on 2-D inputs, with its backward written out.
+
+    Why not plain autograd (``benchmarks/RESULTS.md``): autograd keeps the direction
+    ``W x + s·B A x`` for the gradient of ``m/n``, allocates ``g ⊙ direction`` to reduce it,
+    and assembles the stacked matmul's gradient in yet another ``(T + r) × d_out`` tensor.
+    Here the backward reduces ``Σ_t g ⊙ direction`` in place in the saved buffer, then writes
+    ``g ⊙ m/n`` and ``∂L/∂(W Aᵀ)`` into that same buffer, so one matmul with ``W`` gives the
+    gradients of ``x`` and (through ``W Aᵀ``) of ``A``. The step holds one ``T × d_out``
+    tensor more than LoRA, and never a ``d_out × d_in`` one unless ``W`` itself is trained.
+
+    Not twice differentiable. A graph kept with ``retain_graph=True`` can be backpropagated
+    again: the second backward recomputes the buffer the first one consumed.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x2d, lora_x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, eps,
+        detach_norm, stack,
+    ):  # fmt: skip
+        dtype, tokens = x2d.dtype, x2d.shape[0]
+        A, B = lora_A.to(dtype), lora_B.to(dtype)
+        buffer, low_rank = _direction_buffer(x2d, lora_x, weight, A, B, scaling, stack)
+        weight_a = buffer[tokens:].T
+        scale, norm, sq = norm_forward(
+            weight_sq_norm, weight_a, lora_A, lora_B, magnitude, scaling, eps
+        )
+        out = _rescale(buffer[:tokens], scale, bias)
+        ctx.save_for_backward(x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm)
+        ctx.buffer = buffer  # not saved_tensors: the backward consumes it (see _take_buffer)
+        ctx.scaling, ctx.eps, ctx.detach_norm, ctx.stack = scaling, eps, detach_norm, stack
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        with _autocast_off(grad_out):
+            return *_dora_linear_backward(ctx, grad_out), None, None, None, None
+
+
+def _take_buffer(ctx, x2d: Tensor, lora_x: Tensor | None, weight: Tensor, A: Tensor, B: Tensor):
+    """The forward's buffer, handed over once; a retained graph's next backward recomputes it."""
+    buffer, ctx.buffer = ctx.buffer, None
+    if buffer is None:
+        buffer, _ = _direction_buffer(x2d, lora_x, weight, A, B, ctx.scaling, ctx.stack)
+    return buffer
+
+
+def norm_forward(
+    weight_sq_norm: Tensor,
+    weight_a: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward's small part: ``(m/n, n, n²)`` per row, from ``P = W Aᵀ`` (d_out × r work)."""
+    sq = _row_sq_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling)
+    norm = sq.clamp_min(eps * eps).sqrt()
+    return magnitude.to(norm.dtype) / norm, norm, sq
+
+
+def norm_backward(
+    grad_scale: Tensor,
+    weight_a: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    sq: Tensor,
+    norm: Tensor,
+    scaling: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward's small part: from ``∂L/∂(m/n)``, the gradients of ``m, n², A, B, P``.
+
+    ``n = sqrt(max(n², eps²))`` and ``n² = c + 2s·Σ B⊙P + s²·Σ (B G)⊙B`` with ``G = A Aᵀ``; the
+    gradients of ``A`` and ``B`` are the parts through ``n`` only (``P``'s own part through
+    ``W`` is left to the caller's matmul).
+    """
+    dtype, s = norm.dtype, scaling
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    grad_m = grad_scale / norm
+    grad_sq = (grad_scale * magnitude.to(dtype)).div_(norm.pow(3)).mul_(-0.5)
+    grad_sq = grad_sq.masked_fill_(sq < eps * eps, 0.0).unsqueeze(1)
+    grad_B = (2 * s) * grad_sq * (weight_a.to(dtype) + s * (B @ (A @ A.T)))
+    grad_A = (2 * s * s) * (B.T @ (grad_sq * B)) @ A
+    grad_weight_a = (2 * s) * grad_sq * B
+    return grad_m, grad_sq.squeeze(1), grad_A, grad_B, grad_weight_a
+
+
+def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    """Gradients of ``x2d, lora_x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm``."""
+    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:8]  # the tensor inputs of forward, in order
+    need_x, need_lora_x, need_w, need_bias, need_A, need_B, need_m, need_c = needs
+    s, dtype, tokens, rank = ctx.scaling, grad_out.dtype, x2d.shape[0], lora_A.shape[0]
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    buffer = _take_buffer(ctx, x2d, lora_x, weight, A, B)
+    direction = buffer[:tokens]
+
+    # y = (m/n) ⊙ direction + b: reduce Σ_t g ⊙ direction in place, then the small part.
+    grad_scale = direction.mul_(grad_out).sum(0, dtype=norm.dtype)
+    grad_sq = grad_A = grad_B = grad_weight_a = None
+    if ctx.detach_norm:
+        grad_m = grad_scale / norm
+    else:
+        grad_m, grad_sq, grad_A, grad_B, grad_weight_a = norm_backward(
+            grad_scale, buffer[tokens:].T, lora_A, lora_B, magnitude, sq, norm, s, ctx.eps
+        )
+        buffer[tokens:] = grad_weight_a.T
+
+    # One matmul with W over [g ⊙ m/n ; ∂L/∂Pᵀ] for the gradients of x and (through P) of A.
+    grad_direction = torch.mul(grad_out, (magnitude.to(norm.dtype) / norm).to(dtype), out=direction)
+    first = 0 if need_x else tokens
+    last = tokens + rank if grad_sq is not None and need_A else tokens
+    grad_in = buffer[first:last] @ weight if last > first else None
+    grad_x = grad_in[:tokens] if need_x else None
+    if grad_sq is not None and need_A:
+        grad_A = grad_A + grad_in[-rank:]
+
+    # The low-rank branch, as in LoRA.
+    grad_low = (grad_direction @ B).mul_(s)
+    if need_B:
+        grad_B_lora = (grad_direction.T @ low_rank).mul_(s)
+        grad_B = grad_B_lora if grad_B is None else grad_B + grad_B_lora
+    if need_A:
+        grad_A_lora = grad_low.T @ (x2d if lora_x is None else lora_x)
+        grad_A = grad_A_lora if grad_A is None else grad_A + grad_A_lora
+    grad_lora_x = None
+    if lora_x is None and need_x:
+        grad_x.addmm_(grad_low, A)
+    elif need_lora_x:
+        grad_lora_x = grad_low @ A
+
+    grad_w = None
+    if need_w:
+        grad_w = grad_direction.T @ x2d
+        if grad_weight_a is not None:
+            grad_w.addmm_(grad_weight_a.to(dtype), A)
+    return (
+        grad_x,
+        grad_lora_x,
+        grad_w,
+        grad_out.sum(0) if need_bias else None,
+        _cast(grad_A, lora_A.dtype) if need_A else None,
+        _cast(grad_B, lora_B.dtype) if need_B else None,
+        grad_m.to(magnitude.dtype) if need_m else None,
+        grad_sq if need_c else None,
+    )
 
 
 def dora_linear_scaled(
@@ -145,11 +393,20 @@ def dora_linear_scaled(
     scale: Tensor,
     scaling: float,
 ) -> Tensor:
-    """DoRA forward with a precomputed ``scale = m / n`` (inference: the norm is cached)."""
+    """DoRA forward with a precomputed ``scale = m / n`` (inference: the norm is cached).
+
+    For no-grad use: the low-rank update and the rescale are applied in place to the frozen
+    matmul's output, so the only extra cost over LoRA is one pass over ``T × d_out``.
+    """
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
-    direction = add_lora(F.linear(x2d, weight), x2d, lora_A, lora_B, scaling)
-    return _rescale(direction, scale, bias).reshape(*lead, -1)
+    out = add_lora_(F.linear(x2d, weight), x2d, lora_A, lora_B, scaling)
+    scale = scale.to(out.dtype)
+    if bias is None:
+        out = out.mul_(scale)
+    else:
+        out = torch.addcmul(bias.to(out.dtype), out, scale, out=out)
+    return out.reshape(*lead, -1)
 
 
 def lora_linear(
@@ -166,7 +423,8 @@ def lora_linear(
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
     lora_x = x2d if lora_input is None else lora_input.reshape(-1, d_in)
-    return add_lora(F.linear(x2d, weight, bias), lora_x, lora_A, lora_B, scaling).reshape(*lead, -1)
+    out = add_lora_(F.linear(x2d, weight, bias), lora_x, lora_A, lora_B, scaling)
+    return out.reshape(*lead, -1)
 
 
 def _rescale(direction: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:

@@ -11,14 +11,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 import torchdora
+from torchdora.distributed import has_sharded_parameters, is_main_process, unwrap_model
 from torchdora.io import files
 from torchdora.io.files import AdapterFileError
 from torchdora.io.peft_format import (
+    adapter_ranks,
+    config_value,
     dora_config_from_peft,
     load_peft_state_dict,
     peft_config,
     peft_state_dict,
-    split_peft_key,
 )
 from torchdora.layers.base import DoRALayer
 from torchdora.model import ModulesToSaveWrapper, apply_dora, dora_modules, merge_and_unload
@@ -34,14 +36,22 @@ def save_adapter(
     ``adapter_model.safetensors`` with ``adapter_config.json``; a PEFT user can
     ``PeftModel.from_pretrained(base_model, path)`` it unchanged. Each file is replaced
     atomically, so an interrupted save leaves the previous adapter readable.
+
+    In a distributed run only rank 0 writes. A model sharded with FSDP2 has its tensors
+    gathered first, so every rank must call this; a ``DistributedDataParallel`` wrapper is
+    looked through (no collective: calling it on rank 0 alone is fine).
     """
+    model = unwrap_model(model)
     config = peft_config(model, base_model_name_or_path)
+    tensors = peft_state_dict(model)
+    if not is_main_process():
+        return Path(path)
     metadata = {
         "format": "pt",
         "torchdora_version": torchdora.__version__,
         "torchdora_format": files.FORMAT_VERSION,
     }
-    return files.write_adapter_folder(path, config, peft_state_dict(model), metadata)
+    return files.write_adapter_folder(path, config, tensors, metadata)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -51,14 +61,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     in ``adapter_config.json``, on the modules the file has tensors for). Raises
     :class:`AdapterFileError` with the reason when the folder cannot be used; the model is
     then left as it was when it had adapters already.
+
+    Every rank reads the whole file; a model sharded with FSDP2 keeps each rank's shard of
+    it (no communication), whatever world size the adapter was saved from. A
+    ``DistributedDataParallel`` wrapper is looked through. Returns the ``model`` passed in.
     """
-    config = files.read_config(path)
-    tensors, _ = files.read_tensors(path)
+    wrapper, model = model, unwrap_model(model)
+    config, tensors, _ = files.read_adapter_folder(path)
     if not any(True for _ in dora_modules(model)):
-        names = sorted({parsed[0] for key in tensors if (parsed := split_peft_key(key))})
-        if not names:
+        ranks = adapter_ranks(tensors)
+        if not ranks:
             raise AdapterFileError(f"{Path(path) / files.WEIGHTS_NAME} holds no LoRA/DoRA tensors")
-        dora_config = dora_config_from_peft(config, names)
+        dora_config = dora_config_from_peft(config, ranks)
         requires_grad = {p: p.requires_grad for p in model.parameters()}
         try:
             apply_dora(model, dora_config)
@@ -68,9 +82,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if isinstance(err, AdapterFileError):
                 raise
             raise AdapterFileError(f"the adapter in {path} does not fit this model: {err}") from err
-        return model
+        return wrapper
     load_peft_state_dict(model, tensors)
-    return model
+    return wrapper
 
 
 def _remove_adapters(model: nn.Module, requires_grad: dict[nn.Parameter, bool]) -> None:
@@ -94,11 +108,21 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
 
     A ``transformers`` model is written with its own ``save_pretrained`` (loads without
     torchdora); any other model as ``model.safetensors`` holding its state dict. ``model``
-    itself is not changed (the copy costs one model's memory).
+    itself is not changed (the copy costs one model's memory). In a distributed run only
+    rank 0 writes; a model sharded with FSDP2 is refused (merge needs whole weights).
     """
+    model = unwrap_model(model)
+    if has_sharded_parameters(model):
+        raise ValueError(
+            "save_merged needs whole weights, and this model is sharded (fully_shard): "
+            "save_adapter (it gathers the adapter), load it into an unsharded model with "
+            "load_adapter, and save_merged that"
+        )
+    path = Path(path)
+    if not is_main_process():
+        return path
     merged = merge_and_unload(copy.deepcopy(model))
     dequantize_model(merged)  # untargeted quantized Linears of a QDoRA model, too
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if hasattr(merged, "save_pretrained"):
         merged.save_pretrained(path)
@@ -139,24 +163,19 @@ class AdapterSummary:
 
 def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
     """Summarise an adapter folder without a model: targets, ranks, parameters, size."""
-    config = files.read_config(path)
-    tensors, metadata = files.read_tensors(path)
-    targets: dict[str, int] = {}
-    for key, tensor in tensors.items():
-        parsed = split_peft_key(key)
-        if parsed and parsed[1] == "lora_A":
-            targets[parsed[0]] = tensor.shape[0]
+    config, tensors, metadata = files.read_adapter_folder(path)
+    targets = adapter_ranks(tensors)
     ranks: dict[int, int] = {}
     for rank in targets.values():
         ranks[rank] = ranks.get(rank, 0) + 1
     return AdapterSummary(
         path=Path(path),
-        method="DoRA" if config.get("use_dora") else "LoRA",
+        method="DoRA" if config_value(config, "use_dora", bool) else "LoRA",
         targets=sorted(targets),
         ranks=ranks,
-        alpha=float(config.get("lora_alpha", 0) or 0),
+        alpha=float(config_value(config, "lora_alpha", (int, float)) or 0),
         num_parameters=sum(t.numel() for t in tensors.values()),
         size_bytes=(Path(path) / files.WEIGHTS_NAME).stat().st_size,
-        modules_to_save=list(config.get("modules_to_save") or []),
+        modules_to_save=[str(m) for m in config_value(config, "modules_to_save", list) or []],
         torchdora_version=metadata.get("torchdora_version"),
     )

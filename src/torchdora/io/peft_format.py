@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from torchdora.config import DoRAConfig
+from torchdora.distributed import copy_full_, full_tensor
 from torchdora.io.files import AdapterFileError
 from torchdora.layers.base import DoRALayer
 from torchdora.layers.conv import DoRAConv
@@ -99,18 +100,21 @@ def _trained_extras(model: nn.Module) -> dict[str, Tensor]:
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every tensor of the adapter under PEFT's key, in PEFT's shape."""
+    """Every tensor of the adapter under PEFT's key, in PEFT's shape, whole.
+
+    Sharded (FSDP2) tensors are gathered, so every rank must call this together.
+    """
     tensors: dict[str, Tensor] = {}
     for name, layer in dora_modules(model):
         for param, where in peft_layout(layer).items():
             tensors[f"{PREFIX}{name}.{where.suffix}"] = (
-                getattr(layer, param).detach().reshape(where.shape)
+                full_tensor(getattr(layer, param)).detach().reshape(where.shape)
             )
     for name, param in _trained_extras(model).items():
-        tensors[PREFIX + name] = param.detach()
+        tensors[PREFIX + name] = full_tensor(param).detach()
     for name, wrapper in _wrappers(model).items():
         for key, tensor in wrapper.module_to_save.state_dict().items():
-            tensors[f"{PREFIX}{name}.{key}"] = tensor
+            tensors[f"{PREFIX}{name}.{key}"] = full_tensor(tensor)
     return tensors
 
 
@@ -161,7 +165,8 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | None = None) ->
     }
 
 
-def _expect(config: dict, key: str, kinds: type | tuple[type, ...], default=None):
+def config_value(config: dict, key: str, kinds: type | tuple[type, ...], default=None):
+    """``config[key]`` (``default`` if absent), which must be of ``kinds`` or ``None``."""
     value = config.get(key, default)
     bool_for_number = isinstance(value, bool) and kinds is not bool
     if value is not None and (bool_for_number or not isinstance(value, kinds)):
@@ -172,41 +177,82 @@ def _expect(config: dict, key: str, kinds: type | tuple[type, ...], default=None
     return value
 
 
-def dora_config_from_peft(config: dict, module_names: list[str]) -> DoRAConfig:
-    """The :class:`DoRAConfig` that recreates a PEFT adapter's layers on ``module_names``.
+def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
+    """The :class:`DoRAConfig` that recreates a PEFT adapter's layers on the modules of
+    ``ranks`` (module → rank of its tensors, see :func:`adapter_ranks`).
 
     Targets come from the tensors actually in the file (robust to PEFT's other targeting
-    options); ranks, alphas and the rest from the config.
+    options); ranks, alphas and the rest from the config. The config's rank of each module must
+    be the rank of its tensors, so a damaged config cannot make the layers larger than the file.
     """
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(
             f"adapter_config.json: peft_type is {config.get('peft_type')!r}; torchdora loads "
             "LoRA/DoRA adapters (peft_type 'LORA')"
         )
-    rank = _expect(config, "r", int, 8)
-    alpha = _expect(config, "lora_alpha", (int, float), rank)
-    bias = _expect(config, "bias", str, "none")
+    rank = config_value(config, "r", int, 8)
+    alpha = config_value(config, "lora_alpha", (int, float), rank)
+    bias = config_value(config, "bias", str, "none")
     modes = {v: k for k, v in _BIAS_MODES.items()}
     if bias not in modes:
         raise AdapterFileError(
             f"adapter_config.json: bias must be one of {sorted(modes)}, got {bias!r}"
         )
-    to_save = _expect(config, "modules_to_save", list)
+    to_save = config_value(config, "modules_to_save", list)
     try:
-        return DoRAConfig(
+        dora_config = DoRAConfig(
             rank=rank,
             alpha=float(alpha),
-            dropout=float(_expect(config, "lora_dropout", (int, float), 0.0)),
-            target_modules="|".join(re.escape(name) for name in module_names),
-            use_dora=bool(_expect(config, "use_dora", bool, False)),
-            use_rslora=bool(_expect(config, "use_rslora", bool, False)),
-            rank_pattern=dict(_expect(config, "rank_pattern", dict, {})),
-            alpha_pattern=dict(_expect(config, "alpha_pattern", dict, {})),
+            dropout=float(config_value(config, "lora_dropout", (int, float), 0.0)),
+            target_modules="|".join(re.escape(name) for name in ranks),
+            use_dora=bool(config_value(config, "use_dora", bool, False)),
+            use_rslora=bool(config_value(config, "use_rslora", bool, False)),
+            rank_pattern=dict(config_value(config, "rank_pattern", dict, {})),
+            alpha_pattern=dict(config_value(config, "alpha_pattern", dict, {})),
             modules_to_save=to_save or None,
             bias=modes[bias],
         )
     except (TypeError, ValueError) as err:
         raise AdapterFileError(f"adapter_config.json describes an unusable adapter: {err}") from err
+    wrong = [
+        f"{name}: r={dora_config.rank_for(name)} in the config, {rank} in the tensors"
+        for name, rank in ranks.items()
+        if dora_config.rank_for(name) != rank
+    ]
+    if wrong:
+        raise AdapterFileError(
+            f"adapter_config.json does not match the tensors' ranks: {wrong[:5]}"
+        )
+    return dora_config
+
+
+def adapter_ranks(tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Module → rank of its ``lora_A`` (else ``lora_B``) in a PEFT-keyed state dict.
+
+    Whether the two agree is left to the shape checks of :func:`load_peft_state_dict`.
+    """
+    ranks: dict[str, int] = {}
+    magnitudes = {}
+    for key, tensor in tensors.items():
+        parsed = split_peft_key(key)
+        if parsed is None:
+            continue
+        path, param = parsed
+        if param == "magnitude":
+            magnitudes[path] = key
+            continue
+        if tensor.dim() < 2:
+            raise AdapterFileError(
+                f"{key} has shape {tuple(tensor.shape)}; a LoRA factor has at least 2 dimensions"
+            )
+        if param == "lora_A":  # (r, in, …); lora_B (out, r, …) only counts without an A
+            ranks[path] = tensor.shape[0]
+        else:
+            ranks.setdefault(path, tensor.shape[1])
+    orphans = sorted(key for path, key in magnitudes.items() if path not in ranks)
+    if orphans:
+        raise AdapterFileError(f"the adapter has magnitudes without lora_A/lora_B: {orphans[:5]}")
+    return ranks
 
 
 def split_peft_key(key: str) -> tuple[str, str] | None:
@@ -225,6 +271,7 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
 
     Raises :class:`AdapterFileError` naming unknown keys, missing tensors, wrong shapes, or
     non-finite values. Values are cast to each parameter's dtype (the magnitude stays float32).
+    A sharded (FSDP2) parameter takes its own shard of the whole tensor given.
     """
     layers = dict(dora_modules(model))
     targets: dict[str, tuple[Tensor, Tensor]] = {}  # key -> (parameter, value)
@@ -274,12 +321,27 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         raise AdapterFileError(
             f"the adapter file lacks tensors the model's adapters need: {missing[:10]}"
         )
-    for key, (_, value) in targets.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise AdapterFileError(f"{key} holds NaN or Inf values; refusing to load it")
-    with torch.no_grad():
-        for param, value in targets.values():
-            param.copy_(value.reshape(param.shape))
+    targets = {
+        key: (param, _loadable(key, value, param)) for key, (param, value) in targets.items()
+    }
+    for param, value in targets.values():
+        copy_full_(param, value.reshape(param.shape))
+    for layer in layers.values():
+        layer.mark_initialized()
+
+
+def _loadable(key: str, value: Tensor, param: Tensor) -> Tensor:
+    """``value`` cast to ``param``'s dtype, refused if of another kind or not finite there."""
+    if value.is_complex() or value.is_floating_point() != param.is_floating_point():
+        raise AdapterFileError(
+            f"{key} holds {value.dtype} values; the model's tensor is {param.dtype}"
+        )
+    cast = value.to(param.dtype)
+    if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+        overflow = value.dtype != cast.dtype and bool(torch.isfinite(value.double()).all())
+        problem = f"values too large for {param.dtype}" if overflow else "NaN or Inf values"
+        raise AdapterFileError(f"{key} holds {problem}; refusing to load it")
+    return cast
 
 
 def _named_saved_tensors(model: nn.Module) -> dict[str, Tensor]:

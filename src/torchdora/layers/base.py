@@ -14,8 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from torchdora import functional as DF
+from torchdora.distributed import copy_full_, full_tensor, is_dtensor, local_tensor
 
 RECOMMENDED_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "eps": 1e-8}
+#: the smallest norm floor whose square is a normal float32 (smaller ones floor at 0: NaN rows)
+MIN_EPS = math.sqrt(torch.finfo(torch.float32).tiny)
 
 #: Initialisations of ``A`` (``B`` always starts at 0, so every one reproduces the base layer).
 LORA_INITS = ("default", "gaussian")
@@ -35,6 +38,15 @@ def _tensor_key(t: Tensor) -> tuple:
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
+def _sharded_key(t: Tensor) -> tuple:
+    """:func:`_tensor_key` of a ``DTensor``: its local shard, and the versions of both.
+
+    An in-place op through the ``DTensor`` bumps only the wrapper's version counter; one on the
+    local shard only the shard's.
+    """
+    return (*_tensor_key(local_tensor(t)), t._version, tuple(t.shape), tuple(t.placements))
+
+
 def check_adapter_args(
     rank: int, alpha: float | None, dropout: float, eps: float, init: str = "default"
 ) -> None:
@@ -43,14 +55,23 @@ def check_adapter_args(
         raise TypeError(f"rank must be an int, got {type(rank).__name__}")
     if rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank}")
-    if alpha is not None and not alpha > 0:
-        raise ValueError(f"alpha must be > 0 (or None for alpha = rank), got {alpha}")
+    if alpha is not None and not 0 < alpha < math.inf:
+        raise ValueError(f"alpha must be finite and > 0 (or None for alpha = rank), got {alpha}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if not MIN_EPS <= eps < math.inf:
+        raise ValueError(
+            f"eps must be finite and >= {MIN_EPS:.3g} (the norm floor is applied to n² = eps² in "
+            f"float32, where a smaller square is 0), got {eps}"
+        )
     if init not in LORA_INITS:
         raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (or their local shards) share memory."""
+    a, b = local_tensor(a), local_tensor(b)
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class DoRALayer(nn.Module):
@@ -126,6 +147,7 @@ class DoRALayer(nn.Module):
         self._scale_cache: Tensor | None = None
         self._scale_cache_key: tuple | None = None
         self._merge_norm: Tensor | None = None
+        self._uninitialized: set[str] = set()
         self.reset_parameters()
 
     # ----------------------------------------------------------------- the base weight
@@ -168,17 +190,49 @@ class DoRALayer(nn.Module):
     def weight_sq_norm(self) -> Tensor:
         """``c_i = ‖W_i‖²``, cached while the base weight is unchanged (DESIGN.md §1.3).
 
-        A trainable base is never cached: ``c`` is recomputed differentiably each call.
+        A trainable base is never cached: ``c`` is recomputed differentiably each call. For a
+        sharded base (a ``DTensor``) each rank computes its part and the result is gathered, so
+        every rank must call this together; see :meth:`_cache_key` for FSDP2's gathered copies.
+
+        Raises:
+            RuntimeError: the adapter was never initialised (see :meth:`initialize_magnitude`).
         """
         weight = self.base_weight
         if weight.requires_grad and torch.is_grad_enabled():
+            self._check_initialized()
             return self.compute_weight_sq_norm()
-        key = _tensor_key(weight)
-        if self._weight_sq_norm_key != key:
-            with torch.no_grad():
-                self._weight_sq_norm = self.compute_weight_sq_norm()
-            self._weight_sq_norm_key = key
-        return self._weight_sq_norm
+        key = self._cache_key(weight)
+        if key is not None and key == self._weight_sq_norm_key:
+            return self._weight_sq_norm
+        self._check_initialized()
+        with torch.no_grad():
+            norm = full_tensor(self.compute_weight_sq_norm())
+        if key is not None:
+            self._weight_sq_norm, self._weight_sq_norm_key = norm, key
+        return norm
+
+    def _cache_key(self, tensor: Tensor) -> tuple | None:
+        """What the cached norms are keyed on, or ``None`` where no key can be trusted.
+
+        A ``DTensor`` is keyed on its local shard. Inside the forward of a module that FSDP2
+        manages, the parameters are gathered copies that FSDP refills in freshly allocated
+        storage on every forward with their version counter kept unchanged, so neither the
+        storage nor the version says whether the shards changed in between: a norm computed
+        from such a copy is never cached.
+        """
+        if is_dtensor(tensor):
+            if not is_dtensor(self.lora_A):
+                raise RuntimeError(
+                    f"the base weight of this {type(self).__name__} is sharded (a DTensor) but "
+                    "its adapter is not: the base layer was given to fully_shard on its own. "
+                    "DoRA reads the base weight directly, so FSDP never gathers it; shard the "
+                    "DoRA layer together with its base (fully_shard the DoRA layer or a module "
+                    "holding it, e.g. the transformer block), never base_layer alone"
+                )
+            return _sharded_key(tensor)
+        if self.__dict__.get("_is_fsdp_managed_module", False):  # set by fully_shard
+            return None
+        return _tensor_key(tensor)
 
     def compute_weight_sq_norm(self) -> Tensor:
         """``‖W_i‖²`` computed afresh (a quantized base overrides this to dequantize in chunks)."""
@@ -206,16 +260,19 @@ class DoRALayer(nn.Module):
 
     def inference_scale(self) -> Tensor:
         """``m / n`` for no-grad forwards, cached until any of W, A, B, m changes."""
-        key = tuple(
-            _tensor_key(t) for t in (self.base_weight, self.lora_A, self.lora_B, self.magnitude)
+        keys = tuple(
+            self._cache_key(t) for t in (self.base_weight, self.lora_A, self.lora_B, self.magnitude)
         )
-        key += (self.scaling, self.eps)
-        if self._scale_cache_key != key:
-            with torch.no_grad():
-                norm = self.row_norm(self.compute_weight_a())
-                self._scale_cache = self.magnitude.to(norm.dtype) / norm
-            self._scale_cache_key = key
-        return self._scale_cache
+        key = None if None in keys else (*keys, self.scaling, self.eps)
+        if key is not None and key == self._scale_cache_key:
+            return self._scale_cache
+        self._check_initialized()
+        with torch.no_grad():
+            norm = self.row_norm(self.compute_weight_a())
+            scale = self.magnitude.to(norm.dtype) / norm
+        if key is not None:
+            self._scale_cache, self._scale_cache_key = scale, key
+        return scale
 
     def magnitude_scale(self) -> Tensor:
         """``m / n`` per row, with ``P = W Aᵀ`` from :meth:`compute_weight_a`.
@@ -233,14 +290,126 @@ class DoRALayer(nn.Module):
         """Back to the initial adapter: ``A``, ``B`` by :meth:`reset_lora_factors`, ``m = ‖W_i‖``.
 
         The layer then reproduces its base layer exactly. A merged layer is unmerged first.
-        The base layer's own parameters are left alone.
+        The base layer's own parameters are left alone. On a base still on the ``meta``
+        device nothing can be computed: the adapter is marked uninitialised instead (see
+        :meth:`initialize_magnitude`).
         """
         if self.merged:
             self.unmerge()
+        if self.base_weight.is_meta:
+            self._uninitialized = set(self._adapter_names())
+            return
+        self._materialize_adapter()
+        self._uninitialized.clear()
         with torch.no_grad():
-            self.reset_lora_factors()
+            self._reset_lora_factors_whole()
             if self.magnitude is not None:
-                self.magnitude.copy_(self.weight_sq_norm().sqrt())
+                copy_full_(self.magnitude, self.weight_sq_norm().sqrt())
+
+    def initialize_magnitude(self) -> None:
+        """Set ``m = ‖W + s·B A‖`` row-wise from the current base weight (``‖W‖`` for ``B = 0``).
+
+        For deferred initialisation: a layer built while its base was on the ``meta`` device
+        has no adapter values. Once the base weights are real (``to_empty`` and loaded, or
+        ``load_state_dict(..., assign=True)``), this materialises adapter parameters still on
+        ``meta`` on the base weight's device and, if nothing was loaded into ``A`` and ``B``,
+        initialises the whole adapter as :meth:`reset_parameters` does. Otherwise it keeps
+        ``A`` and ``B`` and sets the magnitude that makes the layer compute what LoRA with the
+        same ``A``, ``B`` computes (PEFT's DoRA initialisation), replacing a trained magnitude.
+        With sharded (FSDP2) parameters every rank must call it.
+
+        Raises:
+            RuntimeError: the base weight is still on ``meta``, or the layer is merged.
+        """
+        if self.base_weight.is_meta:
+            raise RuntimeError(
+                f"cannot initialise the magnitude of this {type(self).__name__}: its base weight "
+                "is still on the meta device. Materialise the model (model.to_empty(device=...)) "
+                "and load the base weights first"
+            )
+        if self.merged:
+            raise RuntimeError("cannot initialise the magnitude of a merged layer; unmerge() first")
+        if self._uninitialized & {"lora_A", "lora_B"}:
+            self.reset_parameters()
+            return
+        self._uninitialized.clear()
+        if self.magnitude is None:
+            return
+        with torch.no_grad():
+            weight_a = full_tensor(self.compute_weight_a())
+            lora_A, lora_B = full_tensor(self.lora_A), full_tensor(self.lora_B)
+            norm = DF.factored_row_norm(
+                self.weight_sq_norm(), weight_a, lora_A, lora_B, self.scaling, self.eps
+            )
+            copy_full_(self.magnitude, norm)
+
+    @property
+    def adapter_initialized(self) -> bool:
+        """Whether ``A``, ``B``, ``m`` hold values (false for a layer built on ``meta``, until
+        :meth:`initialize_magnitude` or a load)."""
+        return not self._uninitialized
+
+    def mark_initialized(self) -> None:
+        """Declare the adapter's values set, for code that copies an adapter into the parameters.
+
+        ``load_state_dict``, :meth:`set_adapter_state`, :meth:`set_adapter_vector`,
+        :meth:`initialize_magnitude` and torchdora's adapter loading do this themselves.
+        """
+        self._uninitialized.clear()
+
+    def _adapter_names(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B") + (("magnitude",) if self.magnitude is not None else ())
+
+    def _check_initialized(self) -> None:
+        if self._uninitialized:
+            raise RuntimeError(
+                f"this {type(self).__name__} has no values in {sorted(self._uninitialized)}: it "
+                "was built while its base was on the meta device. Once the base weights are "
+                "loaded, call torchdora.initialize_magnitude(model) to start a new adapter, or "
+                "load a trained one (torchdora.io.load_adapter, or load_state_dict with its "
+                "keys; after writing the values in place otherwise, call mark_initialized())"
+            )
+
+    def _materialize_adapter(self) -> None:
+        """Replace adapter parameters left on ``meta`` by empty ones on the base weight's device."""
+        device = local_tensor(self.base_weight).device
+        for name in self._adapter_names():
+            param = getattr(self, name)
+            if param.is_meta:
+                empty = torch.empty_like(param, device=device)
+                setattr(self, name, nn.Parameter(empty, requires_grad=param.requires_grad))
+
+    def _reset_lora_factors_whole(self) -> None:
+        """:meth:`reset_lora_factors` on whole tensors when ``A``, ``B`` are sharded ``DTensor`` s.
+
+        DTensor's own random ops on a CPU mesh give every shard the same numbers. Drawing the
+        whole factor on each rank and keeping this rank's shard gives what one process with the
+        same seed draws (and independent draws per shard if the ranks' seeds differ).
+        """
+        sharded = {n: p for n in ("lora_A", "lora_B") if is_dtensor(p := self._parameters[n])}
+        whole = {
+            n: nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.device), False)
+            for n, p in sharded.items()
+        }
+        self._parameters.update(whole)
+        try:
+            self.reset_lora_factors()
+        finally:
+            self._parameters.update(sharded)
+        for name, param in sharded.items():
+            copy_full_(param, whole[name])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A state dict may hand a parameter its own tensor back, which loads no values:
+        # torch.distributed.checkpoint's set_model_state_dict fills the keys it was not given so.
+        loaded = {
+            name
+            for name in self._adapter_names()
+            if (value := state_dict.get(prefix + name)) is not None
+            and not _same_storage(value, getattr(self, name))
+        }
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._uninitialized -= loaded
 
     def reset_lora_factors(self) -> None:
         """``B = 0`` and ``A`` by ``self.init`` (see the class docstring), so ``B A = 0``."""
@@ -255,6 +424,13 @@ class DoRALayer(nn.Module):
         """Write ``W'`` into the base weight; the forward then runs the base layer alone."""
         if self.merged:
             return
+        self._check_initialized()
+        if is_dtensor(self.base_weight):
+            raise RuntimeError(
+                "merging a sharded (FSDP2) layer is not supported: save the adapter "
+                "(save_adapter gathers it) and merge in one process (load_adapter, then "
+                "merge_and_unload)"
+            )
         with torch.no_grad():
             merged, self._merge_norm = DF.merge_weight(
                 self.weight_matrix(),
@@ -310,8 +486,10 @@ class DoRALayer(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def get_adapter_state(self) -> dict[str, Tensor]:
-        """A copy of :meth:`adapter_parameters` as plain tensors."""
-        return {name: p.detach().clone() for name, p in self.adapter_parameters().items()}
+        """A copy of :meth:`adapter_parameters` as plain, whole tensors (gathered if sharded)."""
+        return {
+            name: full_tensor(p).detach().clone() for name, p in self.adapter_parameters().items()
+        }
 
     def set_adapter_state(self, state: dict[str, Tensor]) -> None:
         """Copy tensors into :meth:`adapter_parameters`; keys and shapes must match exactly."""
@@ -327,13 +505,14 @@ class DoRALayer(nn.Module):
                     f"adapter state {name!r} has shape {tuple(state[name].shape)}, "
                     f"expected {tuple(param.shape)}"
                 )
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state[name])
+        for name, param in params.items():
+            copy_full_(param, state[name])
+        self.mark_initialized()
 
     def get_adapter_vector(self) -> Tensor:
         """All of :meth:`adapter_parameters` flattened into one vector, in their order."""
-        return torch.cat([p.detach().reshape(-1) for p in self.adapter_parameters().values()])
+        params = self.adapter_parameters().values()
+        return torch.cat([full_tensor(p).detach().reshape(-1) for p in params])
 
     def set_adapter_vector(self, vector: Tensor) -> None:
         """Inverse of :meth:`get_adapter_vector`; ``vector`` must have exactly the right length."""
@@ -344,9 +523,9 @@ class DoRALayer(nn.Module):
                 f"adapter vector must be 1-D with {expected} elements, "
                 f"got shape {tuple(vector.shape)}"
             )
-        with torch.no_grad():
-            for param, chunk in zip(params, vector.split([p.numel() for p in params]), strict=True):
-                param.copy_(chunk.view_as(param))
+        for param, chunk in zip(params, vector.split([p.numel() for p in params]), strict=True):
+            copy_full_(param, chunk.view(param.shape))
+        self.mark_initialized()
 
     # ----------------------------------------------------------------- helpers for forward
     def _runs_base_only(self) -> bool:

@@ -117,7 +117,6 @@ class DoRALinear(DoRALayer):
             lora_input=lora_input,
             eps=self.eps,
             detach_norm=self.detach_norm,
-            stack=x.requires_grad,
         )
 
 

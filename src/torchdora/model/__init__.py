@@ -1,5 +1,7 @@
 """Whole-model DoRA: inject into any model, merge, unload, disable, count."""
 
+from torchdora.model.checks import NonFiniteError, assert_finite, check_finite_outputs
+from torchdora.model.deferred import adapted_state_dict, initialize_magnitude
 from torchdora.model.inject import apply_dora
 from torchdora.model.modules_to_save import ModulesToSaveWrapper
 from torchdora.model.ops import (
@@ -16,11 +18,16 @@ from torchdora.model.targeting import DEFAULT_TARGET_MODULES, default_target_mod
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "ModulesToSaveWrapper",
+    "NonFiniteError",
+    "adapted_state_dict",
     "apply_dora",
+    "assert_finite",
+    "check_finite_outputs",
     "count_trainable_parameters",
     "default_target_modules",
     "disable_adapter",
     "dora_modules",
+    "initialize_magnitude",
     "merge_adapter",
     "merge_and_unload",
     "print_trainable_parameters",

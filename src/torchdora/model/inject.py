@@ -8,6 +8,7 @@ import warnings
 from torch import nn
 
 from torchdora.config import DoRAConfig, pattern_matches
+from torchdora.distributed import has_sharded_parameters
 from torchdora.layers.base import DoRALayer
 from torchdora.model.modules_to_save import ModulesToSaveWrapper
 from torchdora.model.targeting import (
@@ -40,8 +41,8 @@ def apply_dora(model: nn.Module, config: DoRAConfig | None = None) -> nn.Module:
     Raises:
         ValueError: nothing matches ``target_modules`` (close names are listed), a
             ``rank_pattern``/``alpha_pattern``/``exclude_modules``/``modules_to_save`` entry
-            matches nothing, a module already has an adapter, or ``modules_to_save`` overlaps
-            the targets.
+            matches nothing, a module already has an adapter, ``modules_to_save`` overlaps
+            the targets, or the model is already sharded by ``fully_shard``.
         TypeError: a matched module is of a kind torchdora cannot adapt (named with its type).
 
     A rank above a layer's ``min(in_features, out_features)`` is allowed (``B A`` simply cannot
@@ -52,6 +53,11 @@ def apply_dora(model: nn.Module, config: DoRAConfig | None = None) -> nn.Module:
     config = DoRAConfig() if config is None else config
     if not isinstance(config, DoRAConfig):
         raise TypeError(f"config must be a DoRAConfig, got {type(config).__name__}")
+    if has_sharded_parameters(model):
+        raise ValueError(
+            "apply_dora must run before the model is sharded (fully_shard): it replaces modules, "
+            "and DoRA layers have to be sharded together with their base layers"
+        )
     if config.target_modules is None:
         logger.info("DoRA default target_modules for this model: %s", default_target_modules(model))
 

@@ -62,6 +62,11 @@ class Trainer:
         optimizer: default AdamW over :func:`~torchdora.train.get_parameter_groups`.
         lr_scheduler: default warmup + ``args.lr_scheduler_type``.
         callbacks: each called with every log and eval record (a dict with ``step``).
+
+    A log record has ``step``, ``epoch``, ``loss`` (mean over the steps since the previous
+    record), ``lr`` (of the first parameter group: ``lora_A``'s), ``grad_norm`` (before
+    clipping) and ``tokens_per_s`` (non-padding input tokens); an eval record has ``step``
+    and what ``eval_fn`` returned.
     """
 
     def __init__(
@@ -94,22 +99,25 @@ class Trainer:
             math.ceil(len(train_dataset) / args.train_batch_size) / args.gradient_accumulation_steps
         )
         self.num_training_steps = args.max_steps or self.steps_per_epoch * args.num_train_epochs
-        self.optimizer = optimizer or create_optimizer(
-            model,
-            args.learning_rate,
-            magnitude_lr=args.magnitude_lr,
-            magnitude_lr_ratio=args.magnitude_lr_ratio,
-            loraplus_lr_ratio=args.loraplus_lr_ratio,
-            weight_decay=args.weight_decay,
-            magnitude_weight_decay=args.magnitude_weight_decay,
-        )
-        self.lr_scheduler = lr_scheduler or get_scheduler(
-            self.optimizer,
-            args.lr_scheduler_type,
-            num_warmup_steps=math.ceil(args.warmup_ratio * self.num_training_steps),
-            num_training_steps=self.num_training_steps,
-            min_lr_ratio=args.min_lr_ratio,
-        )
+        if optimizer is None:
+            optimizer = create_optimizer(
+                model,
+                args.learning_rate,
+                magnitude_lr=args.magnitude_lr,
+                magnitude_lr_ratio=args.magnitude_lr_ratio,
+                loraplus_lr_ratio=args.loraplus_lr_ratio,
+                weight_decay=args.weight_decay,
+                magnitude_weight_decay=args.magnitude_weight_decay,
+            )
+        if lr_scheduler is None:
+            lr_scheduler = get_scheduler(
+                optimizer,
+                args.lr_scheduler_type,
+                num_warmup_steps=math.ceil(args.warmup_ratio * self.num_training_steps),
+                num_training_steps=self.num_training_steps,
+                min_lr_ratio=args.min_lr_ratio,
+            )
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.scaler = grad_scaler(self.precision, self.device)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.step = 0
