@@ -68,6 +68,7 @@ def _rank_main(rank: int, fn, port: int, args: tuple) -> None:
     )
     try:
         fn(rank, *args)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
