@@ -16,6 +16,7 @@ Rules every script here follows (the machine is shared, so noise is the enemy):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 
 import torch
 
@@ -66,12 +68,8 @@ def machine(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:
-        pass
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        info["peft"] = metadata.version("peft")
     return info
 
 

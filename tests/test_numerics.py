@@ -233,12 +233,6 @@ def test_float16_scale_above_range_with_representable_output(case):
 
 
 # --------------------------------------------------------------------------- empty inputs
-@pytest.mark.xfail(
-    strict=True,
-    reason="functional.py (not ours to edit): dora_linear, dora_linear_scaled and lora_linear "
-    "end in out.reshape(*lead, -1), ambiguous with 0 tokens (use weight.shape[0]); the "
-    "backward skips the W matmul when last == first == 0 and then indexes its None result",
-)
 @pytest.mark.parametrize("path", ["no-grad", "autograd", "detached-norm", "lora"])
 def test_empty_input_like_nn_linear(path):
     """nn.Linear maps a (0, in) input to (0, out); so must the DoRA and LoRA layers."""

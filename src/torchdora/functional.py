@@ -176,7 +176,7 @@ def dora_linear(
         with _autocast_off(x) as dtype:
             x2d, lora_x, weight, bias = (_cast(t, dtype) for t in (x2d, lora_x, weight, bias))
             out = DoRALinearFunction.apply(x2d, lora_x, weight, bias, *adapter)
-    return out.reshape(*lead, -1)
+    return out.reshape(*lead, weight.shape[0])  # -1 is ambiguous with 0 tokens
 
 
 def _dora_linear_autograd(
@@ -348,7 +348,7 @@ def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     grad_direction = torch.mul(grad_out, (magnitude.to(norm.dtype) / norm).to(dtype), out=direction)
     first = 0 if need_x else tokens
     last = tokens + rank if grad_sq is not None and need_A else tokens
-    grad_in = buffer[first:last] @ weight if last > first else None
+    grad_in = buffer[first:last] @ weight if need_x or last > first else None
     grad_x = grad_in[:tokens] if need_x else None
     if grad_sq is not None and need_A:
         grad_A = grad_A + grad_in[-rank:]
@@ -406,7 +406,7 @@ def dora_linear_scaled(
         out = out.mul_(scale)
     else:
         out = torch.addcmul(bias.to(out.dtype), out, scale, out=out)
-    return out.reshape(*lead, -1)
+    return out.reshape(*lead, weight.shape[0])  # -1 is ambiguous with 0 tokens
 
 
 def lora_linear(
@@ -424,7 +424,7 @@ def lora_linear(
     x2d = x.reshape(-1, d_in)
     lora_x = x2d if lora_input is None else lora_input.reshape(-1, d_in)
     out = add_lora_(F.linear(x2d, weight, bias), lora_x, lora_A, lora_B, scaling)
-    return out.reshape(*lead, -1)
+    return out.reshape(*lead, weight.shape[0])  # -1 is ambiguous with 0 tokens
 
 
 def _rescale(direction: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
