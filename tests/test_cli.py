@@ -191,6 +191,9 @@ def test_compare_trains_both_methods(tiny, tmp_path, capsys):
     lora = json.loads((out / "lora" / "metrics.json").read_text())
     dora = json.loads((out / "dora" / "metrics.json").read_text())
     assert dora["trainable_parameters"] > lora["trainable_parameters"]  # + the magnitudes
+    # same seed: the same new head, and both adapters start as the identity
+    assert dora["accuracy_before"] == lora["accuracy_before"]
+    assert abs(dora["loss_before"] - lora["loss_before"]) < 1e-5
 
 
 def test_qdora_run_with_quantized_base(tiny, tmp_path):

@@ -181,3 +181,24 @@ def test_stack_rule_is_by_tokens_per_output_row():
     weight = torch.empty(4096, 8, dtype=torch.float32)
     assert DF.stack_base_matmul(128, weight, 16)
     assert not DF.stack_base_matmul(8192, weight, 16)
+
+
+def lora_ours(t, lora_x=None):
+    return DF.lora_linear(*(t[k] for k in "xWbAB"), SCALING, lora_input=lora_x)
+
+
+def lora_reference(t, lora_x=None):
+    low = (t["x"] if lora_x is None else lora_x) @ t["A"].T
+    return t["x"] @ t["W"].T + t["b"] + SCALING * low @ t["B"].T
+
+
+@pytest.mark.parametrize("needs", ["xAbB", "AB", "xWAB", "x"])
+@pytest.mark.parametrize("separate_input", [False, True])
+def test_lora_backward_matches_autograd(needs, separate_input):
+    values = leaves()
+    lora_x = torch.randn(2, 5, D_IN, dtype=torch.float64) if separate_input else None
+    grad_out = torch.randn(2, 5, D_OUT, dtype=torch.float64)
+    assert_same(
+        run(lora_ours, values, grad_out, needs, lora_x=lora_x),
+        run(lora_reference, values, grad_out, needs, lora_x=lora_x),
+    )

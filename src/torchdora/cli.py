@@ -1,5 +1,6 @@
 """``torchdora`` command line: a thin front end over :mod:`torchdora.finetune`, :mod:`torchdora.io`
-and :mod:`torchdora.analysis`. Bad input prints one line and exits with status 2."""
+and :mod:`torchdora.analysis`. Bad input prints one line and exits with status 2; SIGINT/SIGTERM
+during training print where the checkpoint is and exit with 130/143."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -225,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"torchdora {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"torchdora {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or the Trainer's TrainingInterrupted
+        signum = getattr(err, "signum", signal.SIGINT)
+        checkpoint = getattr(err, "checkpoint", None)
+        detail = f" by {signal.Signals(signum).name}"
+        if hasattr(err, "step"):
+            detail += f" after step {err.step}"
+        if checkpoint is not None:
+            detail += (
+                f"; checkpoint in {checkpoint}: rerun the same command with --resume {checkpoint}"
+            )
+        print(f"torchdora {args.command}: interrupted{detail}", file=sys.stderr)
+        return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

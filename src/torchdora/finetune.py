@@ -38,6 +38,7 @@ from torchdora.train import (
     load_sequence_classifier,
     load_text_classification,
     pad_collate,
+    set_seed,
     tokenize_classification,
     train_test_split,
 )
@@ -196,6 +197,7 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     if not train_data.texts or not test_data.texts:
         raise DataError("the data is too small to hold out a test set; add examples")
     model_dir = config.model or bundled_model_path()
+    set_seed(config.seed)  # the new head's and the adapters' initial values are part of the run
     model, tokenizer = load_sequence_classifier(model_dir, data.label_names)
     head = head_modules(model)
     if config.quantize:

@@ -9,8 +9,12 @@ A checkpoint is a folder with
 - ``trainer_state.json``: the optimizer step reached and whatever the caller adds.
 
 The frozen base is not saved: resuming rebuilds the model the same way and loads this on top.
-The folder is written next to its final place and renamed into it, so an interrupted save
-never leaves a half-written checkpoint.
+The folder is written next to its final place (``<name>.tmp``) and renamed into it, so an
+interrupted save never leaves a half-written checkpoint: killed while writing, the previous
+checkpoint is untouched; killed between moving the previous one aside (``<name>.old``) and
+renaming the new one in, the next save or load moves the previous one back. A write error
+(disk full, permission denied) removes the staging folder and raises :class:`CheckpointError`
+with the previous checkpoint in place.
 """
 
 from __future__ import annotations
@@ -55,22 +59,31 @@ def save_checkpoint(
     ``trainer_state`` is stored, JSON-encoded, beside ``step`` (e.g. the training arguments).
     """
     directory = Path(directory)
+    _recover_interrupted_save(directory)
     staging = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    weights = {name: t.contiguous() for name, t in trainable_state_dict(model).items()}
-    save_file(weights, staging / WEIGHTS_NAME)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": get_rng_state(),
-        },
-        staging / TRAINING_STATE_NAME,
-    )
-    state = {"step": step, **(trainer_state or {})}
-    (staging / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        weights = {name: t.contiguous() for name, t in trainable_state_dict(model).items()}
+        save_file(weights, staging / WEIGHTS_NAME)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": get_rng_state(),
+            },
+            staging / TRAINING_STATE_NAME,
+        )
+        state = {"step": step, **(trainer_state or {})}
+        (staging / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = "; the previous checkpoint there is kept" if directory.is_dir() else ""
+        reason = getattr(err, "strerror", None) or str(err)
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} to {directory}: {reason}{kept}"
+        ) from err
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -80,8 +93,16 @@ def save_checkpoint(
     return directory
 
 
+def _recover_interrupted_save(directory: Path) -> None:
+    """Undo a save killed between its two renames: put ``<name>.old`` back as ``<name>``."""
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and (old / TRAINER_STATE_NAME).is_file():
+        old.rename(directory)
+
+
 def read_trainer_state(directory: str | Path) -> dict[str, Any]:
     """The ``trainer_state.json`` of a checkpoint (``step`` and what the trainer stored)."""
+    _recover_interrupted_save(Path(directory))
     path = Path(directory) / TRAINER_STATE_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: it has no {TRAINER_STATE_NAME}")
@@ -103,6 +124,7 @@ def load_checkpoint(
     saved. Returns the stored trainer state, with ``step``.
     """
     directory = Path(directory)
+    _recover_interrupted_save(directory)
     missing = [
         name
         for name in (WEIGHTS_NAME, TRAINING_STATE_NAME, TRAINER_STATE_NAME)

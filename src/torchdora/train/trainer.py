@@ -4,6 +4,10 @@ schedules, periodic evaluation, progress, and checkpoints that resume bit for bi
 from __future__ import annotations
 
 import math
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +37,28 @@ from torchdora.train.precision import autocast, grad_scaler, resolve_precision
 from torchdora.train.progress import ProgressReporter
 from torchdora.train.schedule import get_scheduler
 from torchdora.train.seed import set_seed
+
+#: the signals that stop training cleanly (see :meth:`Trainer.train`)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM.
+
+    A ``KeyboardInterrupt``, so code that already handles Ctrl-C handles it too. ``checkpoint``
+    is the folder to resume from (``None`` when there is none), ``step`` the optimizer steps
+    completed, ``signum`` the signal. After a second signal the checkpoint is the last
+    complete one, which may be of an earlier step.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        name = signal.Signals(signum).name
+        if checkpoint is None:
+            where = "no checkpoint was saved (no checkpoint_dir)"
+        else:
+            where = f"resume from the checkpoint in {checkpoint}"
+        super().__init__(f"stopped by {name} after step {step}; {where}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 def model_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -122,6 +148,7 @@ class Trainer:
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.step = 0
         self._progress: ProgressReporter | None = None
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ one optimizer step
     def micro_batches(self, step: int) -> list[Batch]:
@@ -170,7 +197,16 @@ class Trainer:
 
         With ``resume_from_checkpoint`` the model, optimizer, schedule, RNGs and step are
         restored first, so the run continues exactly as if it had never stopped.
+
+        SIGINT and SIGTERM (caught only while ``train`` runs, and only in the main thread;
+        the previous handlers are restored after) let the current optimizer step finish,
+        save a checkpoint of it to ``checkpoint_dir`` and raise :class:`TrainingInterrupted`.
+        A second signal stops at once; the checkpoint writer is atomic, so the last complete
+        checkpoint is kept. The checkpoint folder is checked (writable, room for one more
+        checkpoint) before the first step.
         """
+        if self.args.checkpoint_dir:
+            self._check_checkpoint_dir(Path(self.args.checkpoint_dir))
         if resume_from_checkpoint is not None:
             self._check_resumable(read_trainer_state(resume_from_checkpoint))
             state = load_checkpoint(
@@ -196,6 +232,8 @@ class Trainer:
         window_tokens = total_tokens = 0
         window_time = total_time = 0.0  # in training steps only, not evaluation or saving
         eval_metrics: dict[str, float] = {}
+        saved_step = None  # the step of the last checkpoint this call wrote
+        restore_signal_handlers = self._catch_stop_signals()
         try:
             while self.step < self.num_training_steps:
                 step_start = time.perf_counter()
@@ -225,9 +263,15 @@ class Trainer:
                     eval_metrics = self.evaluate()
                 if self.args.checkpoint_dir and (last or self._due(self.args.save_steps)):
                     self.save_checkpoint(self.args.checkpoint_dir)
+                    saved_step = self.step
+                if self._stop_signal is not None:
+                    self._stop(saved_step)
         finally:
+            restore_signal_handlers()
             self._progress.close()
             self._progress = None
+        if self.eval_fn is not None and self.step == first_step:  # resumed at the last step
+            eval_metrics = self.evaluate()
         steps = self.step - first_step
         return {
             "step": self.step,
@@ -259,6 +303,66 @@ class Trainer:
                 "training_arguments": self.args.to_dict(),
             },
         )
+
+    # ------------------------------------------------------------------ faults
+    def _catch_stop_signals(self) -> Callable[[], None]:
+        """Make SIGINT/SIGTERM set ``_stop_signal`` (checked after each optimizer step), so a
+        step is never cut in half; a second signal raises at once. Returns the function that
+        puts the previous handlers back. Python only lets the main thread set handlers; in
+        another thread nothing changes."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is None:
+                self._stop_signal = signum
+                return
+            folder = Path(self.args.checkpoint_dir) if self.args.checkpoint_dir else None
+            raise TrainingInterrupted(
+                signum, self.step, folder if folder and folder.is_dir() else None
+            )
+
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    def _stop(self, saved_step: int | None) -> None:
+        """Checkpoint the last completed step (unless just done) and raise
+        :class:`TrainingInterrupted`."""
+        assert self._stop_signal is not None
+        checkpoint = None
+        if self.args.checkpoint_dir:
+            checkpoint = Path(self.args.checkpoint_dir)
+            if saved_step != self.step:
+                self.save_checkpoint(checkpoint)
+        raise TrainingInterrupted(self._stop_signal, self.step, checkpoint)
+
+    def _check_checkpoint_dir(self, directory: Path) -> None:
+        """Fail before the first step, not at the first save, if ``directory`` cannot take a
+        checkpoint: its parent is not a writable folder, or the disk has no room for one."""
+        parent = directory.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
+                pass
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot write checkpoints to {directory}: {err.strerror or err}"
+            ) from None
+        # the new checkpoint is staged beside the old one: room for one more is needed
+        tensors = [p for p in self.model.parameters() if p.requires_grad]
+        need = 3 * sum(p.numel() * p.element_size() for p in tensors)  # weights + Adam's two
+        free = shutil.disk_usage(parent).free
+        if free < need:
+            raise CheckpointError(
+                f"not enough disk space for checkpoints in {directory}: about "
+                f"{need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free"
+            )
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint whose run had another data order or length: resuming it would

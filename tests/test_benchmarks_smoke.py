@@ -1,0 +1,78 @@
+"""The benchmark scripts run end to end on a tiny grid. Nothing here asserts anything about time:
+timings belong in ``benchmarks/RESULTS.md``, never in the test suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = ["--shapes=48x32", "--tokens=8", "--ranks=4", "--reps=2", "--warmup=1"]
+NO_WAITING = ["--max-other-load=1", "--patience=0"]  # a busy test machine is no reason to wait
+
+
+def run(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, *NO_WAITING, f"--json={out}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_layer_step_times_every_variant(tmp_path):
+    variants = "lora,dora,frozen"
+    try:
+        import peft  # noqa: F401
+
+        variants += ",peft-lora,peft-dora"
+    except ImportError:
+        pass
+    payload = run(
+        "layer_step.py", *TINY, "--dtypes=fp32,bf16", f"--variants={variants}", "--no-memory",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert payload["machine"]["torch_threads"] == 2
+    assert len(payload["results"]) == 2
+    for result in payload["results"]:
+        assert set(result["median_s"]) == set(variants.split(","))
+        assert all(len(s) == 2 for s in result["samples_s"].values())
+
+
+def test_layer_step_measures_peak_memory(tmp_path):
+    payload = run(
+        "layer_step.py", *TINY, "--dtypes=fp32", "--variants=lora,dora", "--optimizer",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    peaks = payload["results"][0]["peak_mib"]
+    assert set(peaks) == {"lora", "dora"}
+    assert all(peak >= 0 for peak in peaks.values())
+
+
+def test_inference_and_stack_rule(tmp_path):
+    variants = "--variants=lora,dora,dora-first,dora-merged,base"
+    payload = run("inference.py", *TINY, "--dtypes=fp32", variants, tmp_path=tmp_path)
+    assert set(payload["results"][0]["median_s"]) == set(variants.split("=")[1].split(","))
+    payload = run("stack_rule.py", *TINY, "--dtypes=fp32,bf16", tmp_path=tmp_path)
+    assert {r["rule"] for r in payload["results"]} <= {"stacked", "separate"}
+
+
+def test_cuda_path_skips_cleanly_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the GPU path runs for real in benchmarks, not here")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "layer_step.py"), *TINY, "--device=cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    assert "CUDA is not available" in proc.stdout
