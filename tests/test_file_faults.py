@@ -622,3 +622,16 @@ def test_save_killed_at_random_moments_leaves_a_whole_adapter(tmp_path):
         assert_same_adapter(state, expected[which])
         seen.add(which)
     assert "previous" in seen
+
+
+def test_damaged_digest_key_name_does_not_skip_the_check(originals, tmp_path):
+    """Regression (found by the fuzz in CI): a flipped bit in the *name* of the digest key made
+    the file look unchecked, so a second flip in the tensor data loaded silently."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(originals["ours"], folder)
+    data = bytearray((folder / WEIGHTS_NAME).read_bytes())
+    data[data.index(DIGEST_KEY.encode())] ^= 1  # "torchdora_sha256" -> "uorchdora_sha256"
+    data[-1] ^= 1  # and a tensor byte
+    (folder / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="lacks"):
+        load_adapter(build("cnn"), folder)

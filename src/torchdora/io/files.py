@@ -33,6 +33,8 @@ FORMAT_VERSION = "1"
 STAGING_PREFIX = ".torchdora-staging-"
 DIGEST_KEY = "torchdora_sha256"
 CONFIG_KEY = "torchdora_config"
+#: every key torchdora writes into the weights' metadata (see write_adapter_folder's callers)
+TORCHDORA_KEYS = ("torchdora_version", "torchdora_format", DIGEST_KEY, CONFIG_KEY)
 #: config fields that describe where an adapter is used, not what it computes: editing them by
 #: hand after a save is fine (every other field must still match the weights' copy)
 DESCRIPTIVE_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "task_type")
@@ -175,6 +177,14 @@ def read_tensors(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError) as err:
         raise AdapterFileError(f"{path} is not a readable safetensors file: {err}") from err
+    ours = [key for key in TORCHDORA_KEYS if key in metadata]
+    if ours and len(ours) < len(TORCHDORA_KEYS):
+        # safetensors writes metadata keys in no fixed order, so one damaged byte can hit the
+        # name of the digest itself; a file with some of our keys must have them all
+        missing = sorted(set(TORCHDORA_KEYS) - set(ours))
+        raise AdapterFileError(
+            f"{path} is corrupt: written by torchdora but its metadata lacks {missing}"
+        )
     if DIGEST_KEY in metadata and tensors_digest(tensors, metadata) != metadata[DIGEST_KEY]:
         raise AdapterFileError(
             f"{path} is corrupt: its contents do not match the checksum written with them "
