@@ -34,12 +34,12 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import save_worker
 from model_zoo import build, output, perturb_adapters
+from profiles import profiles, run_examples
 from reference import rel_err
 from torchdora import DoRAConfig, DoRALayer, apply_dora, dora_modules
 from torchdora.io import AdapterFileError, inspect_adapter, load_adapter, save_adapter
@@ -52,15 +52,6 @@ from torchdora.io.files import (
 )
 from torchdora.io.peft_format import peft_state_dict
 
-FUZZ = settings(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
-SLOW_FACTOR = 20
-profiles = pytest.mark.parametrize("profile", ["ci", pytest.param("slow", marks=pytest.mark.slow)])
 CONFIG = DoRAConfig(
     target_modules=["conv1", "conv3", "fc"], rank=3, bias="dora_only", modules_to_save=["head"]
 )
@@ -204,9 +195,8 @@ def run_fuzz(profile: str, base: Path, faults: st.SearchStrategy, examples: int)
             outcome = check_load(folder, expected)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
-    count = examples * (SLOW_FACTOR if profile == "slow" else 1)
     with no_unpickling() as calls:
-        settings(FUZZ, max_examples=count)(given(faults)(check))()
+        run_examples(profile, faults, check, examples)
     assert not calls
     assert outcomes.get("refused", 0) > 0  # the faults do reach the checks
 

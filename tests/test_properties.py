@@ -40,12 +40,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume
 from hypothesis import strategies as st
 from torch import nn
 
 from layer_kinds import naive_conv, naive_embedding, ours, randomize, reference
 from model_zoo import build, example_inputs, output, perturb_adapters
+from profiles import profiles, run_examples
 from reference import naive_dora_linear, rel_err
 from torchdora import (
     DoRAConfig,
@@ -59,18 +60,6 @@ from torchdora import (
 from torchdora.io import load_adapter, save_adapter
 from torchdora.io.peft_format import peft_state_dict
 
-#: CI: the same examples every run (derandomized, no example database); ``slow``: 20 times more
-PROFILE = settings(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
-SLOW_FACTOR = 20
-#: every test runs once per profile; the big one is marked ``slow``
-profiles = pytest.mark.parametrize("profile", ["ci", pytest.param("slow", marks=pytest.mark.slow)])
-
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = {dtype: torch.finfo(dtype).eps / 2 for dtype in DTYPES}
 FLOOR = {
@@ -83,13 +72,6 @@ FACTOR = 8.0
 #: examples where the factored norm may lose more than this (u·κ², see ``conditioning``) keep
 #: no meaningful digits in their dtype; they are left out here, ``test_numerics`` shows them
 MAX_NORM_ERROR = 1 / 64
-
-
-def run(profile: str, cases: st.SearchStrategy, check: Callable, examples: int) -> None:
-    """Check ``check(case)`` on ``examples`` examples of ``cases`` (``SLOW_FACTOR`` times more
-    in the slow profile)."""
-    count = examples * (SLOW_FACTOR if profile == "slow" else 1)
-    settings(PROFILE, max_examples=count)(given(cases)(check))()
 
 
 # --------------------------------------------------------------------------- random layers
@@ -337,12 +319,12 @@ def check_merge_unmerge(case: LayerCase) -> None:
 @profiles
 @pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
 def test_forward_and_gradients_match_reference(profile, kind):
-    run(profile, layer_cases(kind), check_forward_and_gradients, examples=150)
+    run_examples(profile, layer_cases(kind), check_forward_and_gradients, examples=150)
 
 
 @profiles
 def test_merge_unmerge_is_identity_to_rounding(profile):
-    run(profile, all_layer_cases, check_merge_unmerge, examples=150)
+    run_examples(profile, all_layer_cases, check_merge_unmerge, examples=150)
 
 
 # --------------------------------------------------------------------------- whole models
@@ -457,9 +439,11 @@ def check_save_then_load(case: ModelCase) -> None:
 
 @profiles
 def test_merge_and_unload_preserves_outputs(profile):
-    run(profile, model_cases([torch.float64, torch.float32]), check_merge_and_unload, examples=40)
+    run_examples(
+        profile, model_cases([torch.float64, torch.float32]), check_merge_and_unload, examples=40
+    )
 
 
 @profiles
 def test_save_then_load_is_bitwise(profile):
-    run(profile, model_cases(DTYPES, peft_format=True), check_save_then_load, examples=40)
+    run_examples(profile, model_cases(DTYPES, peft_format=True), check_save_then_load, examples=40)
