@@ -259,7 +259,6 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
-        print(f"wrote {path}")
 
 
 def command_line() -> str:

@@ -202,3 +202,37 @@ def test_lora_backward_matches_autograd(needs, separate_input):
         run(lora_ours, values, grad_out, needs, lora_x=lora_x),
         run(lora_reference, values, grad_out, needs, lora_x=lora_x),
     )
+
+
+def test_buffer_goes_through_saved_tensor_hooks():
+    """Checkpointing and offloading hooks must see the (T + r) × d_out buffer to free it."""
+    values = leaves()
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ours(True)(
+            {k: v.requires_grad_(k in "AB") if v is not None else None for k, v in values.items()}
+        )
+    assert (10 + RANK, D_OUT) in shapes
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = DoRALinear(16, 8, rank=4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    want = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.magnitude)]
+    for t in (x, layer.lora_A, layer.lora_B, layer.magnitude):
+        t.grad = None
+    checkpoint(layer, x, use_reentrant=use_reentrant).square().sum().backward()
+    for t, g in zip((x, layer.lora_A, layer.lora_B, layer.magnitude), want, strict=True):
+        assert rel_err(t.grad, g) <= 1e-12

@@ -260,9 +260,10 @@ class DoRALinearFunction(torch.autograd.Function):
             weight_sq_norm, weight_a, lora_A, lora_B, magnitude, scaling, eps
         )
         out = _rescale(buffer[:tokens], scale, bias)
-        ctx.save_for_backward(x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm)
-        ctx.buffer = buffer  # not saved_tensors: the backward consumes it (see _take_buffer)
+        saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, buffer)
+        ctx.save_for_backward(*saved)
         ctx.scaling, ctx.eps, ctx.detach_norm, ctx.stack = scaling, eps, detach_norm, stack
+        ctx.buffer_consumed = False
         return out
 
     @staticmethod
@@ -272,12 +273,18 @@ class DoRALinearFunction(torch.autograd.Function):
             return *_dora_linear_backward(ctx, grad_out), None, None, None, None
 
 
-def _take_buffer(ctx, x2d: Tensor, lora_x: Tensor | None, weight: Tensor, A: Tensor, B: Tensor):
-    """The forward's buffer, handed over once; a retained graph's next backward recomputes it."""
-    buffer, ctx.buffer = ctx.buffer, None
-    if buffer is None:
+def _take_buffer(ctx, buffer: Tensor, x2d, lora_x, weight, A: Tensor, B: Tensor) -> Tensor:
+    """The saved forward buffer, for the backward to overwrite.
+
+    Written through ``.data`` so autograd's in-place check does not fire on the saved tensor;
+    a graph kept with ``retain_graph=True`` therefore finds it consumed on its next backward,
+    which recomputes it instead. (Being in ``saved_tensors`` lets activation checkpointing
+    and offloading hooks see the buffer.)
+    """
+    if ctx.buffer_consumed:
         buffer, _ = _direction_buffer(x2d, lora_x, weight, A, B, ctx.scaling, ctx.stack)
-    return buffer
+    ctx.buffer_consumed = True
+    return buffer.data
 
 
 def norm_forward(
@@ -325,12 +332,12 @@ def norm_backward(
 
 def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     """Gradients of ``x2d, lora_x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm``."""
-    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm = ctx.saved_tensors
+    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, buffer = ctx.saved_tensors
     needs = ctx.needs_input_grad[:8]  # the tensor inputs of forward, in order
     need_x, need_lora_x, need_w, need_bias, need_A, need_B, need_m, need_c = needs
     s, dtype, tokens, rank = ctx.scaling, grad_out.dtype, x2d.shape[0], lora_A.shape[0]
     A, B = lora_A.to(dtype), lora_B.to(dtype)
-    buffer = _take_buffer(ctx, x2d, lora_x, weight, A, B)
+    buffer = _take_buffer(ctx, buffer, x2d, lora_x, weight, A, B)
     direction = buffer[:tokens]
 
     # y = (m/n) ⊙ direction + b: reduce Σ_t g ⊙ direction in place, then the small part.
