@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import safetensors.torch
 import torch
 
 from torchdora.cli import main
@@ -137,6 +138,7 @@ def _bad_csv(tmp_path, text):
         (["--model", "HEAD_TOO_SMALL"], "labels"),
         (["--config", "missing.toml"], "does not exist"),
         (["--quantize", "int3"], "quantize must be one of"),
+        (["--method", "full", "--quantize", "bnb-nf4"], "trains the base weights"),
         (["--unknown-key-file"], None),
     ],
 )
@@ -194,6 +196,41 @@ def test_compare_trains_both_methods(tiny, tmp_path, capsys):
     # same seed: the same new head, and both adapters start as the identity
     assert dora["accuracy_before"] == lora["accuracy_before"]
     assert abs(dora["loss_before"] - lora["loss_before"]) < 1e-5
+
+
+def test_full_finetune_trains_only_the_targets_and_head(tiny, tmp_path, capsys):
+    out = tmp_path / "full"
+    assert finetune(tiny, out, "--method", "full") == 0
+    assert not (out / "adapter").exists()  # no adapter: the run's model is merged/
+    before = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tiny / "model", num_labels=3
+    ).state_dict()
+    after = transformers.AutoModelForSequenceClassification.from_pretrained(
+        out / "merged"
+    ).state_dict()
+    changed = {k for k in before if not k.startswith("classifier") and
+               not torch.equal(before[k], after[k])}  # fmt: skip
+    assert changed and all(".query." in k or ".value." in k for k in changed)
+    records = [json.loads(line) for line in (out / "decomposition.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"FT"}
+    assert sorted(records[-1]["layers"]) == sorted(
+        k.removesuffix(".weight") for k in changed if k.endswith(".weight")
+    )
+
+
+def test_dora_with_frozen_magnitude_keeps_the_initial_norms(tiny, tmp_path):
+    out = tmp_path / "frozen"
+    assert finetune(tiny, out, "--method", "dora-frozen-magnitude") == 0
+    base = transformers.BertModel.from_pretrained(tiny / "model").state_dict()
+    adapter = safetensors.torch.load_file(out / "adapter" / "adapter_model.safetensors")
+    magnitudes = {k: v for k, v in adapter.items() if k.endswith("lora_magnitude_vector")}
+    assert magnitudes
+    for key, magnitude in magnitudes.items():
+        module = key.removeprefix("base_model.model.bert.").removesuffix(".lora_magnitude_vector")
+        expected = base[module + ".weight"].double().norm(dim=1)
+        torch.testing.assert_close(magnitude.double(), expected, rtol=1e-6, atol=0)
+    records = (out / "decomposition.jsonl").read_text().splitlines()
+    assert json.loads(records[-1])["method"] == "DoRA (frozen m)"
 
 
 def test_qdora_run_with_quantized_base(tiny, tmp_path):

@@ -139,10 +139,11 @@ def _compare(values: dict[str, Any], methods: list[str]) -> int:
             raise RuntimeError(f"the {method} run failed (see its output above)")
         rows.append(json.loads((root / method / "metrics.json").read_text()))
     header = ("method", "acc before", "acc after", "trainable", "s/step", "peak MB")
-    print("\n{:<8}{:>12}{:>11}{:>12}{:>9}{:>9}".format(*header))
+    width = max(len(m) for m in methods) + 2
+    print(f"\n{{:<{width}}}{{:>12}}{{:>11}}{{:>12}}{{:>9}}{{:>9}}".format(*header))
     for row in rows:
         print(
-            f"{row['method']:<8}{row['accuracy_before']:>12.4f}{row['accuracy_after']:>11.4f}"
+            f"{row['method']:<{width}}{row['accuracy_before']:>12.4f}{row['accuracy_after']:>11.4f}"
             f"{row['trainable_parameters']:>12,}{row['time_per_step_s']:>9.3f}{row['peak_rss_mb']:>9.0f}"
         )
     print(f"runs in {root}")

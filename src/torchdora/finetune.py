@@ -27,6 +27,7 @@ from torchdora.analysis import DECOMPOSITION_FILE, DecompositionTracker
 from torchdora.config import DoRAConfig
 from torchdora.io import load_adapter, save_adapter, save_merged
 from torchdora.model import apply_dora, count_trainable_parameters
+from torchdora.model.targeting import find_targets, name_matches
 from torchdora.quantization import QUANTIZATION_METHODS, quantize_model
 from torchdora.train import (
     DataError,
@@ -43,7 +44,9 @@ from torchdora.train import (
     train_test_split,
 )
 
-METHODS = ("dora", "lora")
+#: ``full`` trains the weights of the modules the adapters would target (the baseline of the
+#: paper's analysis); ``dora-frozen-magnitude`` keeps DoRA's magnitude at its initial norms.
+METHODS = ("dora", "lora", "dora-frozen-magnitude", "full")
 LABELS_FILE = "labels.json"
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
 
@@ -53,7 +56,7 @@ class FinetuneConfig:
     """One fine-tune run. Defaults are the main job: DoRA on MiniLM's attention, BBC News.
 
     Args:
-        method: ``"dora"`` or ``"lora"``.
+        method: one of :data:`METHODS`.
         rank, alpha, dropout: the adapter's (see :class:`~torchdora.DoRAConfig`).
         targets: module names or a regex; ``None`` = the architecture's defaults.
         model: a local ``transformers`` model folder; ``None`` = the bundled MiniLM.
@@ -113,6 +116,8 @@ class FinetuneConfig:
             raise ValueError(
                 f"quantize must be one of {QUANTIZATION_METHODS}, got {self.quantize!r}"
             )
+        if self.method == "full" and self.quantize is not None:
+            raise ValueError("method 'full' trains the base weights, which --quantize freezes")
         if isinstance(self.targets, str) and "," in self.targets:
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         self.dora_config(head=None)  # validates rank, alpha, dropout, targets
@@ -137,7 +142,8 @@ class FinetuneConfig:
             alpha=self.alpha,
             dropout=self.dropout,
             target_modules=self.targets,
-            use_dora=self.method == "dora",
+            use_dora=self.method != "lora",
+            magnitude_trainable=self.method != "dora-frozen-magnitude",
             modules_to_save=head,
         )
 
@@ -175,6 +181,18 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def unfreeze_targets(model, config: DoRAConfig) -> list[str]:
+    """Full fine-tuning of what ``config`` would adapt: freeze ``model`` except the target
+    modules and ``modules_to_save``; returns the target modules' names."""
+    names = [target.name for target in find_targets(model, config)]
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        saved = config.modules_to_save and name_matches(config.modules_to_save, name)
+        if name in names or saved:
+            module.requires_grad_(True)
+    return names
+
+
 def head_modules(model) -> list[str]:
     """The classification head's module names, trained in full (``modules_to_save``)."""
     return [name for name in HEAD_NAMES if hasattr(model, name)]
@@ -203,7 +221,11 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     if config.quantize:
         quantized = quantize_model(model, config.quantize, exclude=tuple(head))
         log(f"quantized {len(quantized)} Linear layers with {config.quantize} (QDoRA)")
-    apply_dora(model, config.dora_config(head))
+    if config.method == "full":
+        analysed = unfreeze_targets(model, config.dora_config(head))
+    else:
+        apply_dora(model, config.dora_config(head))
+        analysed = None  # every DoRA/LoRA layer
     output = check_output_dir(config.output) if config.output else None
     trainable, total = count_trainable_parameters(model)
     log(
@@ -227,9 +249,7 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     log(f"held-out accuracy before: {before['eval_accuracy']:.4f} (loss {before['eval_loss']:.4f})")
     callbacks = []
     if output is not None:  # ΔM/ΔD per layer at every log step, for `torchdora analyze`
-        tracker = DecompositionTracker(
-            model, method=config.method.upper(), path=output / DECOMPOSITION_FILE
-        )
+        tracker = DecompositionTracker(model, modules=analysed, path=output / DECOMPOSITION_FILE)
         if config.resume is None:
             tracker(0, model)
 
@@ -264,13 +284,15 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     }
     if output is not None:
         _write_run(output, config, model, tokenizer, results)
-        log(f"wrote {output}/adapter (PEFT format), {output}/merged, metrics.json, config.json")
+        adapter = "" if config.method == "full" else f"{output}/adapter (PEFT format), "
+        log(f"wrote {adapter}{output}/merged, metrics.json, config.json")
     return results
 
 
 def _write_run(output: Path, config: FinetuneConfig, model, tokenizer, results: dict) -> None:
-    adapter = save_adapter(model, output / "adapter")
-    (adapter / LABELS_FILE).write_text(json.dumps(results["label_names"]) + "\n")
+    if config.method != "full":  # a full fine-tune has no adapter, only the merged/ model
+        adapter = save_adapter(model, output / "adapter")
+        (adapter / LABELS_FILE).write_text(json.dumps(results["label_names"]) + "\n")
     merged = save_merged(model, output / "merged")
     tokenizer.save_pretrained(merged)
     (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
