@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -241,3 +245,63 @@ def test_qdora_run_with_quantized_base(tiny, tmp_path):
     # the merged export is a plain float model that transformers loads
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out / "merged")
     assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
+
+
+def _no_dropout_copy(tiny, folder: Path) -> Path:
+    """The tiny model without dropout, so that runs splitting a batch differently agree."""
+    model = transformers.BertModel.from_pretrained(
+        tiny / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny / "model").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+def test_torchrun_ddp_equals_one_process_on_the_global_batch(tiny, tmp_path):
+    """2 ranks × 4 examples (DDP, gloo) train the adapter one process trains with 8."""
+    settings = [
+        "finetune",
+        "--model", str(_no_dropout_copy(tiny, tmp_path / "model")),
+        "--data", str(tiny / "data.csv"),
+        "--label-column", "topic",
+        "--max-steps", "4",
+        "--lr", "0.01",
+        "--precision", "fp32",
+        "--seed", "3",
+        "--progress", "log",
+    ]  # fmt: skip
+    assert main([*settings, "--batch-size", "8", "--output", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    two = ["--batch-size", "4", "--output", str(tmp_path / "two")]
+    result = subprocess.run(
+        [*torchrun, "-m", "torchdora", *settings, *two],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("held-out accuracy after") == 1  # rank 0 alone reports
+
+    def run(name: str) -> tuple[dict, list[float]]:
+        folder = tmp_path / name
+        tensors = safetensors.torch.load_file(folder / "adapter" / "adapter_model.safetensors")
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return tensors, [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    (one, one_losses), (two, two_losses) = run("one"), run("two")
+    assert one.keys() == two.keys() and len(one_losses) == len(two_losses) >= 1
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)

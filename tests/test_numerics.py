@@ -4,8 +4,8 @@ NaN/Inf in inputs and in loaded adapters, and the finiteness guards (``torchdora
 Where the maths has an answer the layers are compared with the float64 naive reference
 (``layer_kinds``); where it has none (NaN inputs) the behaviour is the documented one: NaN and
 Inf propagate exactly as through the plain layer holding the adapted weight, so only the
-affected outputs, and every gradient they reach, are non-finite. Known defects of code owned
-elsewhere are ``xfail(strict=True)``: fixing one turns its test into a failure until the marker
+affected outputs, and every gradient they reach, are non-finite. Known defects not fixed
+yet are ``xfail(strict=True)``: fixing one turns its test into a failure until the marker
 goes.
 """
 
@@ -135,7 +135,7 @@ def test_update_cancelling_the_weight_stays_finite(dtype):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="functional.py (not ours to edit): the factored n² of a cancelled row is rounding "
+    reason="known defect of functional.py: the factored n² of a cancelled row is rounding "
     "noise of size u·‖W_i‖², often below eps² or negative, while W x + s·B A x keeps its own "
     "noise, so m/n blows it up (fp32: 800×, bf16: 1e7× the bound). A relative floor "
     "n² ≥ c·u·(‖W_i‖² + s²·‖B_i A‖²) would keep |y_i − b_i| ≤ |m_i|·‖x‖",
@@ -214,7 +214,7 @@ def test_huge_magnitude_is_exact_until_the_output_overflows(kind, dtype):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="functional.py (not ours to edit) casts m/n to the input dtype before scaling: in "
+    reason="known defect: functional.py casts m/n to the input dtype before scaling: in "
     "float16 an m/n above 65504 is inf even where the output fits (and inf·0 = NaN on a "
     "floored zero row); scaling in float32 or splitting the factor would keep it finite",
 )

@@ -172,6 +172,17 @@ def test_epoch_batches_are_seeded_permutations():
     assert first != epoch_batches(10, 4, seed=1, epoch=0)
 
 
+@pytest.mark.parametrize(("num_examples", "ranks"), [(10, 4), (3, 4), (8, 4), (1, 3)])
+def test_epoch_batches_padded_for_ranks_give_every_rank_a_share(num_examples, ranks):
+    plain = [i for b in epoch_batches(num_examples, 4, seed=0, epoch=0) for i in b]
+    padded = epoch_batches(num_examples, 4, seed=0, epoch=0, pad_to_multiple_of=ranks)
+    order = [i for b in padded for i in b]
+    assert len(order) % ranks == 0 and len(order) - num_examples < ranks
+    assert order[:num_examples] == plain  # the same order, then repeats from its start
+    assert order[num_examples:] == (plain * ranks)[: len(order) - num_examples]
+    assert all(len(batch[rank::ranks]) > 0 for batch in padded for rank in range(ranks))
+
+
 def test_tokenize_classification_with_the_bundled_tokenizer():
     from transformers import AutoTokenizer
 

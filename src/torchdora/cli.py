@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 FLAG_TYPES = {  # finetune flags: name -> type (also the config-file keys)
+    "task": str,
     "method": str,
     "rank": int,
     "alpha": float,
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     finetune = sub.add_parser(
         "finetune",
-        help="fine-tune a text classifier (default: MiniLM on BBC News, DoRA r=8)",
+        help="fine-tune a text classifier (default: MiniLM on BBC News, DoRA r=8), or with "
+        "--task causal-lm a chat model (default: SmolLM2-135M-Instruct on the ChatterBot corpus)",
         argument_default=argparse.SUPPRESS,
     )
     for name, kind in FLAG_TYPES.items():
@@ -71,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text-column", dest="text_column", default="text")
     evaluate.add_argument("--label-column", dest="label_column", default="label")
     predict.add_argument("texts", nargs="+", help="texts to classify")
+
+    generate = sub.add_parser("generate", help="chat with a causal LM (and adapter), greedily")
+    generate.add_argument(
+        "--model", default="smollm2", help="model folder or .gguf file (default: smollm2)"
+    )
+    generate.add_argument("--adapter", help="a causal-LM run's adapter/ folder")
+    generate.add_argument(
+        "--merge", action="store_true", help="merge the adapter into the weights first"
+    )
+    generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
+    generate.add_argument("prompts", nargs="+", help="user messages, each answered in turn")
 
     inspect = sub.add_parser("inspect", help="what an adapter folder holds")
     inspect.add_argument("path")
@@ -106,6 +119,9 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    import torch.distributed
+
+    from torchdora.distributed import init_from_environment
     from torchdora.finetune import FinetuneConfig, run_finetune
 
     flags = vars(args).copy()
@@ -114,8 +130,16 @@ def _finetune(args: argparse.Namespace) -> int:
     values = _read_config_file(config_file) if config_file else {}
     values.update(flags)
     if compare:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--compare runs each method in a fresh process: not under torchrun")
         return _compare(values, [m.strip() for m in compare.split(",") if m.strip()])
-    run_finetune(FinetuneConfig.from_dict(values))
+    config = FinetuneConfig.from_dict(values)
+    distributed = init_from_environment()  # under torchrun: DDP over its ranks
+    try:
+        run_finetune(config)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -124,6 +148,8 @@ def _compare(values: dict[str, Any], methods: list[str]) -> int:
     data and budget, then print a side-by-side table."""
     from torchdora.finetune import FinetuneConfig
 
+    if values.get("task", "classification") != "classification":
+        raise ValueError("--compare tabulates accuracy: it supports --task classification only")
     for method in methods:
         FinetuneConfig.from_dict({**values, "method": method})  # fail fast on bad settings
     root = Path(values.get("output") or tempfile.mkdtemp(prefix="torchdora-compare-"))
@@ -174,6 +200,24 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from torchdora.generate import generate_reply, load_generator
+
+    if args.max_new_tokens < 1:  # before the model load, not after
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model, tokenizer = load_generator(args.model, args.adapter, merge=args.merge)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    for prompt in args.prompts:
+        if len(args.prompts) > 1:
+            print(f"> {prompt}", flush=True)
+        generate_reply(
+            model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, streamer=streamer
+        )
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from torchdora.io import inspect_adapter
 
@@ -203,6 +247,7 @@ COMMANDS = {
     "finetune": _finetune,
     "evaluate": _evaluate,
     "predict": _predict,
+    "generate": _generate,
     "inspect": _inspect,
     "analyze": _analyze,
 }

@@ -10,6 +10,7 @@ can only be a ``DTensor`` once that module has been loaded by whoever sharded it
 
 from __future__ import annotations
 
+import os
 import sys
 from types import ModuleType
 
@@ -31,6 +32,36 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Processes in the default group; 1 without one."""
     return dist.get_world_size() if is_initialized() else 1
+
+
+def init_from_environment() -> bool:
+    """Join the process group ``torchrun`` describes, if it describes one.
+
+    With ``WORLD_SIZE`` > 1 in the environment (``torchrun`` sets it, with ``RANK``,
+    ``LOCAL_RANK`` and the rendezvous address), initialise the default group: NCCL with this
+    process on GPU ``LOCAL_RANK`` when CUDA is available, gloo otherwise. Returns whether a
+    group exists afterwards (``False`` in a plain single-process run).
+    """
+    if is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def all_reduce_sum(*values: float | int) -> list[float]:
+    """The sums of ``values`` over all ranks (one collective); the values themselves alone."""
+    if not is_initialized():
+        return [float(v) for v in values]
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return sums.tolist()
 
 
 def is_main_process() -> bool:

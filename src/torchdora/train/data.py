@@ -142,7 +142,7 @@ def load_text_classification(
     if suffix in (".csv", ".tsv"):
         rows, columns = _read_csv(path, "\t" if suffix == ".tsv" else ",")
     elif suffix in (".jsonl", ".ndjson", ".json"):
-        rows, columns = _read_json(path)
+        rows, columns = read_json_rows(path)
     else:
         raise DataError(
             f"{path}: unsupported data file type {suffix!r}; use .csv, .tsv, .jsonl or .json"
@@ -177,7 +177,9 @@ def _read_csv(path: Path, delimiter: str) -> tuple[Rows, Sequence[str]]:
         return rows, reader.fieldnames or []
 
 
-def _read_json(path: Path) -> tuple[Rows, Sequence[str]]:
+def read_json_rows(path: Path) -> tuple[Rows, Sequence[str]]:
+    """The rows of a JSON Lines file (or a ``.json`` list) and the keys seen, with line numbers
+    for error messages."""
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:

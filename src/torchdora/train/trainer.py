@@ -10,12 +10,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from torchdora.distributed import all_reduce_sum, get_rank, get_world_size
 from torchdora.train.arguments import TrainingArguments
 from torchdora.train.batch import (
     Batch,
@@ -87,12 +90,23 @@ class Trainer:
             labels that are not ``-100``).
         optimizer: default AdamW over :func:`~torchdora.train.get_parameter_groups`.
         lr_scheduler: default warmup + ``args.lr_scheduler_type``.
-        callbacks: each called with every log and eval record (a dict with ``step``).
+        callbacks: each called with every log and eval record (a dict with ``step``), on
+            rank 0 only.
 
     A log record has ``step``, ``epoch``, ``loss`` (mean over the steps since the previous
     record), ``lr`` (of the first parameter group: ``lora_A``'s), ``grad_norm`` (before
     clipping) and ``tokens_per_s`` (non-padding input tokens); an eval record has ``step``
     and what ``eval_fn`` returned.
+
+    Under ``torchrun`` (a default process group initialised, e.g. by
+    :func:`~torchdora.distributed.init_from_environment`) the model is wrapped in
+    ``DistributedDataParallel`` and each micro-batch of ``train_batch_size`` examples per
+    process is a strided share of one global batch of ``train_batch_size × world_size`` from
+    the seeded order (padded, as ``DistributedSampler`` does, to a multiple of the world
+    size). The loss is weighted by the items of the whole global batch, so a step's gradient
+    equals that of one process on the global batch; logged losses and throughput are of all
+    ranks; only rank 0 reports progress, calls ``callbacks`` and writes checkpoints; a stop
+    signal on any rank stops all of them after the same step. ``eval_fn`` runs on every rank.
     """
 
     def __init__(
@@ -115,14 +129,20 @@ class Trainer:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(args.precision, self.device)
         self.model = model.to(self.device)
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.is_main_process = self.rank == 0
+        #: what the training forward runs: ``model`` itself, or its DDP wrapper
+        self.model_wrapped = DistributedDataParallel(model) if self.world_size > 1 else model
         self.train_dataset = train_dataset
         self.data_collator = data_collator
         self.eval_fn = eval_fn
         self.compute_loss = compute_loss
         self.count_items = count_items
         self.callbacks = list(callbacks)
+        self.global_batch_size = args.train_batch_size * self.world_size
         self.steps_per_epoch = math.ceil(
-            math.ceil(len(train_dataset) / args.train_batch_size) / args.gradient_accumulation_steps
+            math.ceil(len(train_dataset) / self.global_batch_size)
+            / args.gradient_accumulation_steps
         )
         self.num_training_steps = args.max_steps or self.steps_per_epoch * args.num_train_epochs
         if optimizer is None:
@@ -152,28 +172,42 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def micro_batches(self, step: int) -> list[Batch]:
-        """The micro-batches of optimizer step ``step`` (0-based), from the seeded order."""
+        """This process's micro-batches of optimizer step ``step`` (0-based), from the seeded
+        order: all of each global batch in one process, a strided share of it under DDP."""
         epoch, index = divmod(step, self.steps_per_epoch)
         batches = epoch_batches(
-            len(self.train_dataset), self.args.train_batch_size, self.args.seed, epoch
+            len(self.train_dataset),
+            self.global_batch_size,
+            self.args.seed,
+            epoch,
+            pad_to_multiple_of=self.world_size,
         )
         accumulation = self.args.gradient_accumulation_steps
         window = batches[index * accumulation : (index + 1) * accumulation]
-        return [self.data_collator([self.train_dataset[i] for i in ids]) for ids in window]
+        return [
+            self.data_collator([self.train_dataset[i] for i in ids[self.rank :: self.world_size]])
+            for ids in window
+        ]
 
     def accumulate_gradients(self, micro_batches: Sequence[Batch]) -> Tensor:
         """Forward and backward over ``micro_batches`` into ``.grad``; returns the mean loss.
 
-        The gradients are those of the mean loss over all items of all micro-batches.
+        The gradients are those of the mean loss over all items of all micro-batches (of every
+        rank: DDP averages the ranks' gradients, so each weighs its items by ``world_size``).
         """
         counts = [self.count_items(batch) for batch in micro_batches]
-        total = sum(counts)
+        (total,) = all_reduce_sum(sum(counts))
         loss_sum = torch.zeros((), device=self.device)
-        for batch, count in zip(micro_batches, counts, strict=True):
-            with autocast(self.precision, self.device):
-                loss = self.compute_loss(self.model, to_device(batch, self.device))
-            self.scaler.scale(loss * (count / total)).backward()
+        last = len(micro_batches) - 1
+        for i, (batch, count) in enumerate(zip(micro_batches, counts, strict=True)):
+            syncing = i == last or self.world_size == 1  # DDP all-reduces on the last only
+            with nullcontext() if syncing else self.model_wrapped.no_sync():
+                with autocast(self.precision, self.device):
+                    loss = self.compute_loss(self.model_wrapped, to_device(batch, self.device))
+                self.scaler.scale(loss * (count * self.world_size / total)).backward()
             loss_sum += loss.detach().float() * count
+        if self.world_size > 1:
+            loss_sum = torch.tensor(all_reduce_sum(loss_sum.item())[0])
         return loss_sum / total
 
     def optimizer_step(self) -> Tensor:
@@ -205,7 +239,7 @@ class Trainer:
         checkpoint is kept. The checkpoint folder is checked (writable, room for one more
         checkpoint) before the first step.
         """
-        if self.args.checkpoint_dir:
+        if self.args.checkpoint_dir and self.is_main_process:
             self._check_checkpoint_dir(Path(self.args.checkpoint_dir))
         if resume_from_checkpoint is not None:
             self._check_resumable(read_trainer_state(resume_from_checkpoint))
@@ -223,8 +257,8 @@ class Trainer:
         self._progress = ProgressReporter(
             self.num_training_steps,
             first_step,
-            mode=self.args.progress,
-            metrics_file=self.args.metrics_file,
+            mode=self.args.progress if self.is_main_process else "none",
+            metrics_file=self.args.metrics_file if self.is_main_process else None,
         )
         self.model.train()
         start = time.perf_counter()
@@ -241,7 +275,7 @@ class Trainer:
                 window_losses.append(self.accumulate_gradients(batches))
                 grad_norm = self.optimizer_step()
                 step_time = time.perf_counter() - step_start
-                tokens = sum(count_tokens(b) for b in batches)
+                tokens = int(all_reduce_sum(sum(count_tokens(b) for b in batches))[0])
                 window_tokens, total_tokens = window_tokens + tokens, total_tokens + tokens
                 window_time, total_time = window_time + step_time, total_time + step_time
                 self.step += 1
@@ -264,7 +298,7 @@ class Trainer:
                 if self.args.checkpoint_dir and (last or self._due(self.args.save_steps)):
                     self.save_checkpoint(self.args.checkpoint_dir)
                     saved_step = self.step
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     self._stop(saved_step)
         finally:
             restore_signal_handlers()
@@ -290,7 +324,10 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """Write a resumable checkpoint of the run as it is now."""
+        """Write a resumable checkpoint of the run as it is now (rank 0 writes; the ranks hold
+        the same values)."""
+        if not self.is_main_process:
+            return Path(directory)
         return save_checkpoint(
             directory,
             self.model,
@@ -330,6 +367,15 @@ class Trainer:
                 signal.signal(sig, old)
 
         return restore
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived, on any rank (they must stop after the same step)."""
+        if self.world_size > 1:
+            (stopping,) = all_reduce_sum(self._stop_signal is not None)
+            if stopping and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM  # another rank's signal, e.g. from torchrun
+            return bool(stopping)
+        return self._stop_signal is not None
 
     def _stop(self, saved_step: int | None) -> None:
         """Checkpoint the last completed step (unless just done) and raise
@@ -382,6 +428,8 @@ class Trainer:
         return every is not None and self.step % every == 0
 
     def _emit(self, record: dict[str, Any]) -> None:
+        if not self.is_main_process:
+            return
         if self._progress is not None:
             self._progress.log(record)
         for callback in self.callbacks:

@@ -1,0 +1,135 @@
+"""The causal-LM instruction fine-tune behind ``torchdora finetune --task causal-lm``.
+
+:func:`run_causal_lm` trains a DoRA adapter on chat conversations (loss on the assistant's
+tokens only), reports held-out loss and perplexity and a few greedy answers to held-out
+prompts before and after, and writes the run folder: ``adapter/`` (PEFT format),
+``merged/`` (model and tokenizer, loadable by ``transformers`` alone), ``config.json``,
+``metrics.json`` and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torchdora.finetune import FinetuneConfig, run_folder, unfreeze_targets
+from torchdora.generate import generate_reply
+from torchdora.io import save_adapter, save_merged
+from torchdora.model import apply_dora, count_trainable_parameters
+from torchdora.train import Trainer, pad_collate, set_seed
+from torchdora.train.causal_lm import (
+    SMOLLM2,
+    evaluate_causal_lm,
+    first_prompt,
+    load_causal_lm,
+    load_chatterbot_corpus,
+    load_conversations,
+    split_conversations,
+    tokenize_conversations,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+SAMPLE_PROMPTS = 3  # held-out prompts answered before and after training
+SAMPLE_TOKENS = 40
+
+
+def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``config`` (``task="causal-lm"``) end to end; returns what ``metrics.json`` holds.
+
+    Unusable data or model raise ``ValueError`` subclasses before the output folder is
+    written to.
+    """
+    if config.quantize:
+        raise ValueError("--quantize is not supported with --task causal-lm yet")
+    if config.resume and not Path(config.resume).is_dir():
+        raise ValueError(f"--resume: checkpoint folder {config.resume} does not exist")
+    conversations = (
+        load_chatterbot_corpus() if config.data is None else load_conversations(config.data)
+    )
+    train_data, test_data = split_conversations(
+        conversations, config.test_size, seed=config.split_seed
+    )
+    set_seed(config.seed)  # the adapters' initial values are part of the run
+    model, tokenizer = load_causal_lm(config.model)
+    train_examples = tokenize_conversations(tokenizer, train_data, config.max_length)
+    test_examples = tokenize_conversations(tokenizer, test_data, config.max_length)
+    if config.method == "full":
+        unfreeze_targets(model, config.dora_config(head=None))
+    else:
+        apply_dora(model, config.dora_config(head=None))
+    output = run_folder(config)
+    trainable, total = count_trainable_parameters(model)
+    log(
+        f"{config.method.upper()} r={config.rank} alpha={config.alpha:g} on "
+        f"{config.model or SMOLLM2}: {trainable:,} trainable of {total:,} parameters; "
+        f"{len(train_examples)} train / {len(test_examples)} held-out conversations"
+    )
+
+    args = config.training_arguments()
+    collate = partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0)
+    evaluate = partial(
+        evaluate_causal_lm, examples=test_examples, data_collator=collate, precision=args.precision
+    )
+    prompts = list(dict.fromkeys(first_prompt(c) for c in test_data))[:SAMPLE_PROMPTS]
+    answer = partial(_answers, tokenizer=tokenizer, prompts=prompts)
+    before = evaluate(model)
+    log(_loss_line("before", before))
+    answers_before = answer(model)
+    trainer = Trainer(model, args, train_examples, data_collator=collate, eval_fn=evaluate)
+    summary = trainer.train(resume_from_checkpoint=config.resume)
+    log(
+        _loss_line("after ", summary) + f" — {summary['step']} steps, "
+        f"{summary['time_per_step_s']:.2f} s/step"
+    )
+    answers_after = answer(model)
+    samples = []
+    for prompt, old, new in zip(prompts, answers_before, answers_after, strict=True):
+        log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
+        samples.append({"prompt": prompt, "before": old, "after": new})
+    results = {
+        "task": config.task,
+        "method": config.method,
+        "loss_before": before["eval_loss"],
+        "perplexity_before": before["eval_perplexity"],
+        "loss_after": summary["eval_loss"],
+        "perplexity_after": summary["eval_perplexity"],
+        "samples": samples,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": summary["step"],
+        "time_per_step_s": summary["time_per_step_s"],
+        "train_tokens_per_s": summary["train_tokens_per_s"],
+        "train_runtime_s": summary["train_runtime_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if output is not None:
+        if config.method != "full":
+            save_adapter(model, output / "adapter", base_model_name_or_path=config.model or SMOLLM2)
+        tokenizer.save_pretrained(save_merged(model, output / "merged"))
+        (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (output / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        adapter = "" if config.method == "full" else f"{output}/adapter (PEFT format), "
+        log(f"\nwrote {adapter}{output}/merged, metrics.json, config.json")
+    return results
+
+
+def _loss_line(when: str, metrics: dict[str, float]) -> str:
+    return (
+        f"held-out loss {when}: {metrics['eval_loss']:.4f} "
+        f"(perplexity {metrics['eval_perplexity']:.2f})"
+    )
+
+
+def _answers(model: nn.Module, *, tokenizer, prompts: list[str]) -> list[str]:
+    was_training = model.training
+    model.eval()
+    try:
+        return [generate_reply(model, tokenizer, p, max_new_tokens=SAMPLE_TOKENS) for p in prompts]
+    finally:
+        model.train(was_training)
