@@ -10,13 +10,12 @@ prompts before and after, and writes the run folder: ``adapter/`` (PEFT format),
 from __future__ import annotations
 
 import json
-import resource
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchdora.finetune import FinetuneConfig, run_folder, unfreeze_targets
+from torchdora.finetune import FinetuneConfig, run_folder, run_statistics, unfreeze_targets
 from torchdora.generate import generate_reply
 from torchdora.io import save_adapter, save_merged
 from torchdora.model import apply_dora, count_trainable_parameters
@@ -100,13 +99,7 @@ def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) ->
         "loss_after": summary["eval_loss"],
         "perplexity_after": summary["eval_perplexity"],
         "samples": samples,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "steps": summary["step"],
-        "time_per_step_s": summary["time_per_step_s"],
-        "train_tokens_per_s": summary["train_tokens_per_s"],
-        "train_runtime_s": summary["train_runtime_s"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **run_statistics(trainable, total, summary),
     }
     if output is not None:
         if config.method != "full":

@@ -215,6 +215,20 @@ def run_folder(config: FinetuneConfig) -> Path | None:
     return check_output_dir(config.output)
 
 
+def run_statistics(trainable: int, total: int, summary: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a finished run that every task's ``metrics.json`` holds, from the
+    parameter counts and :meth:`~torchdora.train.Trainer.train`'s summary."""
+    return {
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": summary["step"],
+        "time_per_step_s": summary["time_per_step_s"],
+        "train_tokens_per_s": summary["train_tokens_per_s"],
+        "train_runtime_s": summary["train_runtime_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def _silent(line: str) -> None:
     """The ``log`` of ranks other than 0."""
 
@@ -308,13 +322,7 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
         "loss_before": before["eval_loss"],
         "accuracy_after": summary["eval_accuracy"],
         "loss_after": summary["eval_loss"],
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "steps": summary["step"],
-        "time_per_step_s": summary["time_per_step_s"],
-        "train_tokens_per_s": summary["train_tokens_per_s"],
-        "train_runtime_s": summary["train_runtime_s"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **run_statistics(trainable, total, summary),
         "label_names": data.label_names,
     }
     if output is not None:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from torchdora.train.batch import IGNORE_INDEX, Batch, Example, pad_collate, to_device
+from torchdora.train.batch import IGNORE_INDEX, Batch, Example, pad_collate
 from torchdora.train.data import DataError, read_json_rows
+from torchdora.train.evaluate import eval_batches
 from torchdora.train.precision import autocast
 from torchdora.train.pretrained import ModelLoadError
 
@@ -210,25 +211,16 @@ def evaluate_causal_lm(
 ) -> dict[str, float]:
     """``eval_loss`` (mean next-token cross-entropy over all labelled tokens of ``examples``,
     not a mean of per-batch means) and ``eval_perplexity`` (its exponential)."""
-    if not examples:
-        raise ValueError("cannot evaluate on an empty set of examples")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     loss_sum, count = 0.0, 0
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = to_device(data_collator(examples[start : start + batch_size]), device)
-            labels = batch.pop("labels")[:, 1:]
-            with autocast(precision, device):
-                logits = model(**batch).logits
-            logits = logits[:, :-1].float()
-            loss_sum += nn.functional.cross_entropy(
-                logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            count += int((labels != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
+    for batch in eval_batches(model, examples, data_collator, batch_size):
+        labels = batch.pop("labels")[:, 1:]
+        with autocast(precision, labels.device):
+            logits = model(**batch).logits
+        logits = logits[:, :-1].float()
+        loss_sum += nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        count += int((labels != IGNORE_INDEX).sum())
     loss = loss_sum / count
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
 

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from torchdora.train.batch import Batch, Example, pad_collate, to_device
 from torchdora.train.precision import autocast
+
+
+def eval_batches(
+    model: nn.Module,
+    examples: Sequence[Example],
+    data_collator: Callable[[Sequence[Example]], Batch],
+    batch_size: int,
+) -> Iterator[Batch]:
+    """``examples`` collated ``batch_size`` at a time onto the model's device, with the model in
+    eval mode (no dropout) until the iteration ends; the previous mode is restored after."""
+    if not examples:
+        raise ValueError("cannot evaluate on an empty set of examples")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            yield to_device(data_collator(examples[start : start + batch_size]), device)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -23,23 +43,14 @@ def evaluate_classification(
     """``eval_loss`` (mean over examples) and ``eval_accuracy`` of ``model`` on ``examples``.
 
     ``model(**batch)`` must return ``logits`` of shape ``(batch, num_labels)``; ``labels``
-    are class indices. Runs in eval mode (no dropout) and restores the previous mode.
+    are class indices.
     """
-    if not examples:
-        raise ValueError("cannot evaluate on an empty set of examples")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     loss_sum, correct = 0.0, 0
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = to_device(data_collator(examples[start : start + batch_size]), device)
-            labels = batch.pop("labels")
-            with autocast(precision, device):
-                logits = model(**batch).logits
-            logits = logits.float()
-            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            correct += int((logits.argmax(dim=-1) == labels).sum())
-    finally:
-        model.train(was_training)
+    for batch in eval_batches(model, examples, data_collator, batch_size):
+        labels = batch.pop("labels")
+        with autocast(precision, labels.device):
+            logits = model(**batch).logits
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=-1) == labels).sum())
     return {"eval_loss": loss_sum / len(examples), "eval_accuracy": correct / len(examples)}
