@@ -2,9 +2,9 @@
 
 Runs the main job (``torchdora finetune``: MiniLM on BBC News, the same target modules and
 training budget for every method) for each method × rank × seed, then prints the held-out
-accuracy as mean ± std over the seeds, one row per method and a column per rank (a full
-fine-tune has no rank: its row repeats). Every run folder is kept under ``--output`` for
-``torchdora analyze``. This is what ``docs/RESULTS.md`` reports::
+accuracy and loss as mean ± std over the seeds, one row per method and a column per rank (a
+full fine-tune has no rank: it runs once per seed and its row repeats). Every run folder is
+kept under ``--output`` for ``torchdora analyze``. This is what ``docs/RESULTS.md`` reports::
 
     .venv/bin/python examples/method_grid.py --output runs/grid --max-steps 40
 """
@@ -33,7 +33,8 @@ def parse() -> argparse.Namespace:
 
 def run_one(args: argparse.Namespace, method: str, rank: int, seed: int) -> dict:
     """One run's metrics; a finished run folder is read back instead of trained again."""
-    out = Path(args.output) / f"{method}-r{rank}-s{seed}"
+    name = f"{method}-s{seed}" if method == "full" else f"{method}-r{rank}-s{seed}"
+    out = Path(args.output) / name
     metrics = out / "metrics.json"
     if not metrics.is_file():
         config = FinetuneConfig(
@@ -61,24 +62,18 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     table = {}
     for method in methods:
-        for rank in ranks[:1] if method == "full" else ranks:
+        for rank in ranks:
             print(f"== {method} r={rank}", flush=True)
-            runs = [run_one(args, method, rank, seed) for seed in seeds]
-            table[method, rank] = runs
-    print(f"\n| method | trainable (r={ranks[0]}) | " + " | ".join(f"r={r}" for r in ranks) + " |")
-    print("|---|---|" + "---|" * len(ranks))
-    for method in methods:
-        cells = [
-            mean_std(
-                [
-                    run["accuracy_after"]
-                    for run in table[method, ranks[0] if method == "full" else r]
-                ]
-            )
-            for r in ranks
-        ]
-        trainable = table[method, ranks[0]][0]["trainable_parameters"]
-        print(f"| {method} | {trainable:,} | " + " | ".join(cells) + " |")
+            table[method, rank] = [run_one(args, method, rank, seed) for seed in seeds]
+    for metric in ("accuracy_after", "loss_after"):
+        print(f"\n{metric}, mean ± std over seeds {args.seeds}\n")
+        print("| method | " + " | ".join(f"r={r}" for r in ranks) + " | trainable |")
+        print("|---|" + "---|" * (len(ranks) + 1))
+        for method in methods:
+            cells = [mean_std([run[metric] for run in table[method, r]]) for r in ranks]
+            counts = sorted({table[method, r][0]["trainable_parameters"] for r in ranks})
+            trainable = " / ".join(f"{count:,}" for count in counts)
+            print(f"| {method} | " + " | ".join(cells) + f" | {trainable} |")
 
 
 if __name__ == "__main__":
