@@ -215,6 +215,14 @@ def test_resume_refuses_other_settings(tmp_path):
         args = resume_run_args(tmp_path / "c", **{"max_steps": 2, **change})
         with pytest.raises(CheckpointError, match="saved by a run with other settings"):
             Trainer(make_model(), args, examples).train(resume_from_checkpoint=tmp_path / "c")
+    # a checkpoint of a 2-process (DDP) run: another global batch, so another run
+    state_file = tmp_path / "c" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world_size"] == 1
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    args = resume_run_args(tmp_path / "c", max_steps=2)
+    with pytest.raises(CheckpointError, match="world_size 2 -> 1"):
+        Trainer(make_model(), args, examples).train(resume_from_checkpoint=tmp_path / "c")
 
 
 def test_checkpoint_mismatch_and_incomplete(tmp_path):

@@ -65,8 +65,8 @@ def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) ->
     output = run_folder(config)
     trainable, total = count_trainable_parameters(model)
     log(
-        f"{config.method.upper()} r={config.rank} alpha={config.alpha:g} on "
-        f"{config.model or SMOLLM2}: {trainable:,} trainable of {total:,} parameters; "
+        f"{config.describe_method()} on {config.model or SMOLLM2}: "
+        f"{trainable:,} trainable of {total:,} parameters; "
         f"{len(train_examples)} train / {len(test_examples)} held-out conversations"
     )
 

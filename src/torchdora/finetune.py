@@ -161,6 +161,12 @@ class FinetuneConfig:
             modules_to_save=head,
         )
 
+    def describe_method(self) -> str:
+        """``DORA r=8 alpha=16``, or ``FULL fine-tune`` (which has no rank): for the run's log."""
+        if self.method == "full":
+            return "FULL fine-tune"
+        return f"{self.method.upper()} r={self.rank} alpha={self.alpha:g}"
+
     def training_arguments(self) -> TrainingArguments:
         out = Path(self.output) if self.output else None
         return TrainingArguments(
@@ -278,8 +284,7 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     output = run_folder(config)
     trainable, total = count_trainable_parameters(model)
     log(
-        f"{config.method.upper()} r={config.rank} alpha={config.alpha:g} "
-        f"on {Path(model_dir).name}: "
+        f"{config.describe_method()} on {Path(model_dir).name}: "
         f"{trainable:,} trainable of {total:,} parameters; {len(train_data.texts)} train / "
         f"{len(test_data.texts)} held-out examples, {len(data.label_names)} labels"
     )

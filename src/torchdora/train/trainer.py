@@ -337,6 +337,7 @@ class Trainer:
             scaler=self.scaler,
             trainer_state={
                 "num_training_steps": self.num_training_steps,
+                "world_size": self.world_size,
                 "training_arguments": self.args.to_dict(),
             },
         )
@@ -413,10 +414,23 @@ class Trainer:
     def _check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint whose run had another data order or length: resuming it would
         not continue that run."""
-        saved = {"num_training_steps": state.get("num_training_steps")}
+        saved = {
+            "num_training_steps": state.get("num_training_steps"),
+            "world_size": state.get("world_size", 1),  # checkpoints from before DDP support
+        }
         saved.update(state.get("training_arguments", {}))
-        now = {"num_training_steps": self.num_training_steps, **self.args.to_dict()}
-        keys = ("num_training_steps", "train_batch_size", "gradient_accumulation_steps", "seed")
+        now = {
+            "num_training_steps": self.num_training_steps,
+            "world_size": self.world_size,
+            **self.args.to_dict(),
+        }
+        keys = (
+            "num_training_steps",
+            "world_size",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "seed",
+        )
         changed = [f"{k} {saved[k]} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
         if changed:
             raise CheckpointError(
