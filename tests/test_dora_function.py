@@ -236,3 +236,37 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     checkpoint(layer, x, use_reentrant=use_reentrant).square().sum().backward()
     for t, g in zip((x, layer.lora_A, layer.lora_B, layer.magnitude), want, strict=True):
         assert rel_err(t.grad, g) <= 1e-12
+
+
+@pytest.mark.parametrize(("out_features", "rank", "expected"), [(64, 8, 1), (8192, 64, 2)])
+def test_small_part_runs_on_one_thread_and_restores_the_count(
+    monkeypatch, out_features, rank, expected
+):
+    """The d_out × r part runs on one thread (unless it is big), and the thread count the
+    user set is back afterwards, also when that part raises."""
+    seen = []
+    for name in ("norm_forward", "norm_backward"):
+        original = getattr(DF, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(torch.get_num_threads())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(DF, name, spy)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = DoRALinear(4, out_features, rank=rank)
+        x = torch.randn(3, 4, requires_grad=True)
+        layer(x).sum().backward()
+        assert seen == [expected, expected] and torch.get_num_threads() == 2
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("inside the small part")
+
+        monkeypatch.setattr(DF, "norm_forward", fail)
+        with pytest.raises(RuntimeError, match="inside the small part"):
+            layer(x)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
