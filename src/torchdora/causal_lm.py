@@ -9,15 +9,20 @@ prompts before and after, and writes the run folder: ``adapter/`` (PEFT format),
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchdora.finetune import FinetuneConfig, run_folder, run_statistics, unfreeze_targets
+from torchdora.finetune import (
+    FinetuneConfig,
+    describe_run,
+    run_folder,
+    run_statistics,
+    unfreeze_targets,
+    write_run,
+)
 from torchdora.generate import generate_reply
-from torchdora.io import save_adapter, save_merged
 from torchdora.model import apply_dora, count_trainable_parameters
 from torchdora.train import Trainer, pad_collate, set_seed
 from torchdora.train.causal_lm import (
@@ -102,13 +107,8 @@ def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) ->
         **run_statistics(trainable, total, summary),
     }
     if output is not None:
-        if config.method != "full":
-            save_adapter(model, output / "adapter", base_model_name_or_path=config.model or SMOLLM2)
-        tokenizer.save_pretrained(save_merged(model, output / "merged"))
-        (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        (output / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        adapter = "" if config.method == "full" else f"{output}/adapter (PEFT format), "
-        log(f"\nwrote {adapter}{output}/merged, metrics.json, config.json")
+        adapter = write_run(output, config, model, tokenizer, results, config.model or SMOLLM2)
+        log(f"\nwrote {describe_run(output, adapter)}")
     return results
 
 

@@ -331,20 +331,38 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
         "label_names": data.label_names,
     }
     if output is not None:
-        _write_run(output, config, model, tokenizer, results)
-        adapter = "" if config.method == "full" else f"{output}/adapter (PEFT format), "
-        log(f"wrote {adapter}{output}/merged, metrics.json, config.json")
+        adapter = write_run(output, config, model, tokenizer, results)
+        if adapter is not None:
+            (adapter / LABELS_FILE).write_text(json.dumps(results["label_names"]) + "\n")
+        log(f"wrote {describe_run(output, adapter)}")
     return results
 
 
-def _write_run(output: Path, config: FinetuneConfig, model, tokenizer, results: dict) -> None:
-    if config.method != "full":  # a full fine-tune has no adapter, only the merged/ model
-        adapter = save_adapter(model, output / "adapter")
-        (adapter / LABELS_FILE).write_text(json.dumps(results["label_names"]) + "\n")
-    merged = save_merged(model, output / "merged")
-    tokenizer.save_pretrained(merged)
+def write_run(
+    output: Path,
+    config: FinetuneConfig,
+    model,
+    tokenizer,
+    results: dict[str, Any],
+    base_model_name_or_path: str | None = None,
+) -> Path | None:
+    """Write a finished run's folder (see the module docstring); returns ``adapter/``, or
+    ``None`` for a full fine-tune, which has no adapter, only the ``merged/`` model."""
+    adapter = None
+    if config.method != "full":
+        adapter = save_adapter(
+            model, output / "adapter", base_model_name_or_path=base_model_name_or_path
+        )
+    tokenizer.save_pretrained(save_merged(model, output / "merged"))
     (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     (output / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    return adapter
+
+
+def describe_run(output: Path, adapter: Path | None) -> str:
+    """What :func:`write_run` wrote, for the run's last log line."""
+    written = f"{adapter} (PEFT format), " if adapter is not None else ""
+    return f"{written}{output}/merged, metrics.json, config.json"
 
 
 def load_classifier(model: str | None, adapter: str | None):
