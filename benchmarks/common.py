@@ -248,6 +248,17 @@ def peak_in_subprocess(script: str, args: Sequence[str], timeout: float = 900) -
     raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
 
+def rule_summary(results: Sequence[dict], where: Callable[[dict], str]) -> str:
+    """How often a measured rule (``result["rule"]``) picked the faster choice (``"best"``), and
+    the worst ``rule_cost`` (rule's time ÷ best time) of following it, located by ``where``."""
+    agree = sum(r["rule"] == r["best"] for r in results)
+    worst = max(results, key=lambda r: r["rule_cost"])
+    return (
+        f"rule agrees with the faster choice at {agree}/{len(results)} points; worst cost of "
+        f"following it: {worst['rule_cost']:.3f}× at {where(worst)}"
+    )
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -107,12 +107,7 @@ def main(argv=None) -> dict:
         results.append(res)
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
     print("\n" + C.markdown_table(headers, rows))
-    worst = max(results, key=lambda r: r["rule_cost"])
-    agree = sum(r["rule"] == r["best"] for r in results)
-    print(
-        f"\nrule agrees with the faster variant at {agree}/{len(results)} points; "
-        f"worst cost of following it: {worst['rule_cost']:.3f}× at {worst['case']} {worst['dtype']}"
-    )
+    print("\n" + C.rule_summary(results, lambda r: f"{r['case']} {r['dtype']}"))
     payload = {"machine": info, "command": C.command_line(), "results": results}
     C.write_json(args.json, payload)
     return payload

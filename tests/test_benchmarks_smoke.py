@@ -64,6 +64,23 @@ def test_inference_and_stack_rule(tmp_path):
     assert {r["rule"] for r in payload["results"]} <= {"stacked", "separate"}
 
 
+def test_ab_against_a_baseline_checkout(tmp_path):
+    root = str(BENCHMARKS.parent)  # this checkout against itself
+    args = ["--layer=8,32,48", "--rank=4", "--reps=2", "--warmup=1"]
+    payload = run("ab.py", f"--baseline={root}", *args, tmp_path=tmp_path)
+    assert set(payload["median_s"]) == {"lora", "baseline", "dora"}
+
+    args = ["--baseline", str(tmp_path), "--layer=8,32,48", "--json=x"]
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "ab.py"), *args], capture_output=True)
+    assert proc.returncode == 2 and b"has no src/torchdora" in proc.stderr
+
+
+def test_thread_rule(tmp_path):
+    payload = run("thread_rule.py", *TINY, tmp_path=tmp_path)
+    assert [r["part"] for r in payload["results"]] == ["norm", "weight_a", "passes"]
+    assert all(r["rule"] == "one" for r in payload["results"])  # every part is tiny here
+
+
 def test_cuda_path_skips_cleanly_without_cuda(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

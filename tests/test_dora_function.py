@@ -238,18 +238,21 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
         assert rel_err(t.grad, g) <= 1e-12
 
 
-@pytest.mark.parametrize(("out_features", "rank", "expected"), [(64, 8, 1), (8192, 64, 2)])
-def test_small_part_runs_on_one_thread_and_restores_the_count(
-    monkeypatch, out_features, rank, expected
+@pytest.mark.parametrize(
+    ("tokens", "out_features", "rank", "norm_threads", "rescale_threads"),
+    [(3, 64, 8, 1, 1), (3, 8192, 64, 2, 1), (2**15, 64, 8, 1, 2)],
+)
+def test_small_parts_run_on_one_thread_and_restore_the_count(
+    monkeypatch, tokens, out_features, rank, norm_threads, rescale_threads
 ):
-    """The d_out × r part runs on one thread (unless it is big), and the thread count the
-    user set is back afterwards, also when that part raises."""
-    seen = []
-    for name in ("norm_forward", "norm_backward"):
+    """DoRA's own small parts (the d_out × r norm, the rescale pass) run on one thread unless
+    they are big, and the thread count the user set is back afterwards, also after a raise."""
+    seen = {}
+    for name in ("norm_forward", "norm_backward", "_rescale"):
         original = getattr(DF, name)
 
-        def spy(*args, _original=original, **kwargs):
-            seen.append(torch.get_num_threads())
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.setdefault(_name, []).append(torch.get_num_threads())
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(DF, name, spy)
@@ -257,9 +260,14 @@ def test_small_part_runs_on_one_thread_and_restores_the_count(
     torch.set_num_threads(2)
     try:
         layer = DoRALinear(4, out_features, rank=rank)
-        x = torch.randn(3, 4, requires_grad=True)
+        x = torch.randn(tokens, 4, requires_grad=True)
         layer(x).sum().backward()
-        assert seen == [expected, expected] and torch.get_num_threads() == 2
+        assert seen == {
+            "norm_forward": [norm_threads],
+            "norm_backward": [norm_threads],
+            "_rescale": [rescale_threads],
+        }
+        assert torch.get_num_threads() == 2
 
         def fail(*args, **kwargs):
             raise RuntimeError("inside the small part")
@@ -268,5 +276,21 @@ def test_small_part_runs_on_one_thread_and_restores_the_count(
         with pytest.raises(RuntimeError, match="inside the small part"):
             layer(x)
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_small_work_thresholds():
+    """Which parts count as small: by d_out·r² (norm), r·d_out·d_in (W Aᵀ), T·d_out (passes);
+    nothing is small on one thread already."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = DF.SmallWork.of(1024, torch.empty(384, 384), 16)
+        assert small == DF.SmallWork(norm=True, weight_a=True, passes=True)
+        big = DF.SmallWork.of(2048, torch.empty(8192, 4096), 64)
+        assert big == DF.SmallWork(norm=False, weight_a=False, passes=False)
+        torch.set_num_threads(1)
+        assert DF.SmallWork.of(1, torch.empty(8, 8), 1) == DF.SmallWork(False, False, False)
     finally:
         torch.set_num_threads(previous)

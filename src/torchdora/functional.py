@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,7 @@ def stack_base_matmul(tokens: int, weight: Tensor, rank: int) -> bool:
     rows, at a fraction of the matmul's peak. The copy grows with ``T``, the extra read with
     ``d_out``: measured on CPU (``benchmarks/stack_rule.py``), stacking wins up to about
     ``T = 0.5·d_out`` tokens in float32 (``T = d_out`` in 16-bit), at every rank we tried.
-    The backward shares one matmul either way.
+    The backward follows the forward's choice.
     """
     return tokens * weight.element_size() <= STACK_MAX_TOKENS_PER_OUT * 4 * weight.shape[0]
 
@@ -197,27 +198,54 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-SMALL_WORK_MAX_FLOPS = 2**22
-"""See :func:`_one_thread`: the ``d_out·r²`` size up to which the small part runs on one thread."""
+SMALL_NORM_MAX_FLOPS = 2**24
+"""The ``d_out·r²`` size up to which the norm's ``d_out × r`` part runs on one thread."""
+SMALL_MATMUL_MAX_FLOPS = 2**24
+"""The ``r·d_out·d_in`` size up to which ``W Aᵀ`` on its own (not stacked) runs on one thread."""
+SMALL_PASS_MAX_ELEMENTS = 3 * 2**19
+"""The ``T·d_out`` size up to which DoRA's elementwise passes over the output run on one thread."""
+
+
+class SmallWork(NamedTuple):
+    """Which of DoRA's own parts of one call run on one CPU thread (see :func:`_one_thread`).
+
+    Measured by ``benchmarks/thread_rule.py`` under ``OMP_WAIT_POLICY=PASSIVE`` on 2 cores
+    (``benchmarks/RESULTS.md``): waking the second thread costs 60–150 µs per parallel region,
+    more than these parts' work when it is small. E.g. ``W Aᵀ`` (r = 16, 384 × 384) took 169 µs
+    on two threads and 61 µs on one; a rescale pass over 1024 × 384 took 90 µs and 36 µs. The
+    thresholds sit where the two were even.
+    """
+
+    norm: bool
+    weight_a: bool
+    passes: bool
+
+    @classmethod
+    def of(cls, tokens: int, weight: Tensor, rank: int) -> SmallWork:
+        if weight.device.type != "cpu" or torch.get_num_threads() == 1:
+            return cls(False, False, False)
+        d_out, d_in = weight.shape
+        return cls(
+            norm=d_out * rank * rank <= SMALL_NORM_MAX_FLOPS,
+            weight_a=rank * d_out * d_in <= SMALL_MATMUL_MAX_FLOPS,
+            passes=tokens * d_out <= SMALL_PASS_MAX_ELEMENTS,
+        )
 
 
 @contextmanager
-def _one_thread(lora_B: Tensor) -> Iterator[None]:
-    """Run the step's ``d_out × r``-sized part (the norm and its gradient) on one CPU thread.
+def _one_thread(small: bool) -> Iterator[None]:
+    """Run a block on one CPU thread when ``small`` (a :class:`SmallWork` field), then restore.
 
-    Each of its ops is microseconds of arithmetic, but every parallel region wakes the whole
+    Each op in such a block is microseconds of work, but every parallel region wakes the whole
     OpenMP team, and with sleeping workers (``OMP_WAIT_POLICY=PASSIVE``, what a shared machine
-    wants) that wake-up dominates: on 2 cores ``A Aᵀ`` (r = 16, d_in = 384) took 180 µs on two
-    threads and 8 µs on one, while switching the thread count costs about 10 µs. Above
-    ``SMALL_WORK_MAX_FLOPS`` (e.g. d_out = 8192, r = 64) the work is big enough to share.
+    wants) that wake-up dominates. Switching the thread count costs well under a microsecond.
     The thread count is process-wide: another Python thread's ops in this window run on one
     thread too.
     """
-    threads = torch.get_num_threads()
-    rows, rank = lora_B.shape
-    if lora_B.device.type != "cpu" or threads == 1 or rows * rank * rank > SMALL_WORK_MAX_FLOPS:
+    if not small:
         yield
         return
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
@@ -242,22 +270,28 @@ def _autocast_off(like: Tensor) -> Iterator[torch.dtype]:
 
 def _direction_buffer(
     x2d: Tensor, lora_x: Tensor | None, weight: Tensor, A: Tensor, B: Tensor, scaling: float,
-    stack: bool,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``[W x + s·B A x_lora ; (W Aᵀ)ᵀ]`` as one ``(T + r) × d_out`` buffer, and ``A x_lora``.
+    stack: bool, small: SmallWork,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The direction ``W x + s·B A x_lora`` (in ``buffer``'s first T rows), ``Pᵀ = A Wᵀ``,
+    and ``A x_lora``.
 
+    Stacked, ``buffer`` is the ``(T + r) × d_out`` result of one matmul over ``[x; A]`` and
+    ``Pᵀ`` its last ``r`` rows; otherwise ``buffer`` is the ``T × d_out`` direction alone and
+    ``Pᵀ`` a tensor of its own (a ``(T + r)``-row buffer would be an allocation of a size
+    nothing else in the step has, which glibc tends to serve with fresh pages every step).
     ``A`` and ``B`` come in ``x2d``'s dtype.
     """
     tokens = x2d.shape[0]
     if stack:
         buffer = F.linear(torch.cat([x2d, A]), weight)
+        weight_a_t = buffer[tokens:]
     else:
-        buffer = x2d.new_empty(tokens + A.shape[0], weight.shape[0])
-        torch.mm(x2d, weight.T, out=buffer[:tokens])
-        torch.mm(A, weight.T, out=buffer[tokens:])
+        buffer = F.linear(x2d, weight)
+        with _one_thread(small.weight_a):
+            weight_a_t = F.linear(A, weight)
     low_rank = F.linear(x2d if lora_x is None else lora_x, A)
     buffer[:tokens].addmm_(low_rank, B.T, alpha=scaling)
-    return buffer, low_rank
+    return buffer, weight_a_t, low_rank
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -267,9 +301,10 @@ class DoRALinearFunction(torch.autograd.Function):
     ``W x + s·B A x`` for the gradient of ``m/n``, allocates ``g ⊙ direction`` to reduce it,
     and assembles the stacked matmul's gradient in yet another ``(T + r) × d_out`` tensor.
     Here the backward reduces ``Σ_t g ⊙ direction`` in place in the saved buffer, then writes
-    ``g ⊙ m/n`` and ``∂L/∂(W Aᵀ)`` into that same buffer, so one matmul with ``W`` gives the
-    gradients of ``x`` and (through ``W Aᵀ``) of ``A``. The step holds one ``T × d_out``
-    tensor more than LoRA, and never a ``d_out × d_in`` one unless ``W`` itself is trained.
+    ``g ⊙ m/n`` over the direction and ``∂L/∂(W Aᵀ)`` over ``W Aᵀ`` (stacked: one matmul with
+    ``W`` then gives the gradients of ``x`` and, through ``W Aᵀ``, of ``A``). The step holds
+    one ``T × d_out`` tensor more than LoRA, and never a ``d_out × d_in`` one unless ``W``
+    itself is trained.
 
     Not twice differentiable. A graph kept with ``retain_graph=True`` can be backpropagated
     again: the second backward recomputes the buffer the first one consumed.
@@ -282,16 +317,20 @@ class DoRALinearFunction(torch.autograd.Function):
     ):  # fmt: skip
         dtype, tokens = x2d.dtype, x2d.shape[0]
         A, B = lora_A.to(dtype), lora_B.to(dtype)
-        buffer, low_rank = _direction_buffer(x2d, lora_x, weight, A, B, scaling, stack)
-        weight_a = buffer[tokens:].T
-        with _one_thread(lora_B):
+        small = SmallWork.of(tokens, weight, len(A))
+        buffer, weight_a_t, low_rank = _direction_buffer(
+            x2d, lora_x, weight, A, B, scaling, stack, small
+        )
+        with _one_thread(small.norm):
             scale, norm, sq = norm_forward(
-                weight_sq_norm, weight_a, lora_A, lora_B, magnitude, scaling, eps
+                weight_sq_norm, weight_a_t.T, lora_A, lora_B, magnitude, scaling, eps
             )
-        out = _rescale(buffer[:tokens], scale, bias)
-        saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, buffer)
-        ctx.save_for_backward(*saved)
+        with _one_thread(small.passes):
+            out = _rescale(buffer[:tokens], scale, bias)
+        saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm)
+        ctx.save_for_backward(*saved, buffer, weight_a_t)
         ctx.scaling, ctx.eps, ctx.detach_norm, ctx.stack = scaling, eps, detach_norm, stack
+        ctx.small = small
         ctx.buffer_consumed = False
         return out
 
@@ -302,8 +341,10 @@ class DoRALinearFunction(torch.autograd.Function):
             return *_dora_linear_backward(ctx, grad_out), None, None, None, None
 
 
-def _take_buffer(ctx, buffer: Tensor, x2d, lora_x, weight, A: Tensor, B: Tensor) -> Tensor:
-    """The saved forward buffer, for the backward to overwrite.
+def _take_buffers(
+    ctx, buffer: Tensor, weight_a_t: Tensor, x2d, lora_x, weight, A: Tensor, B: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The saved forward buffer and ``Pᵀ``, for the backward to overwrite.
 
     Written through ``.data`` so autograd's in-place check does not fire on the saved tensor;
     a graph kept with ``retain_graph=True`` therefore finds it consumed on its next backward,
@@ -311,9 +352,11 @@ def _take_buffer(ctx, buffer: Tensor, x2d, lora_x, weight, A: Tensor, B: Tensor)
     and offloading hooks see the buffer.)
     """
     if ctx.buffer_consumed:
-        buffer, _ = _direction_buffer(x2d, lora_x, weight, A, B, ctx.scaling, ctx.stack)
+        buffer, weight_a_t, _ = _direction_buffer(
+            x2d, lora_x, weight, A, B, ctx.scaling, ctx.stack, ctx.small
+        )
     ctx.buffer_consumed = True
-    return buffer.data
+    return buffer.data, weight_a_t.data
 
 
 def norm_forward(
@@ -359,36 +402,60 @@ def norm_backward(
     return grad_m, grad_sq.squeeze(1), grad_A, grad_B, grad_weight_a
 
 
+def _frozen_matmul_grads(
+    buffer: Tensor, weight_a_t: Tensor, weight: Tensor, tokens: int, need_x: bool, need_p: bool,
+    small: SmallWork, stack: bool,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """``(∂L/∂direction) W`` and ``(∂L/∂Pᵀ) W`` (``None`` where not needed).
+
+    Stacked, one matmul over the buffer's rows gives both, as the forward's did.
+    """
+    if not stack:
+        grad_x = buffer @ weight if need_x else None
+        if not need_p:
+            return grad_x, None
+        with _one_thread(small.weight_a):
+            return grad_x, weight_a_t @ weight
+    rows = buffer[(0 if need_x else tokens) : (len(buffer) if need_p else tokens)]
+    grad_in = rows @ weight if need_x or need_p else None
+    grad_x = grad_in[:tokens] if need_x else None
+    return grad_x, (grad_in[len(rows) - len(weight_a_t) :] if need_p else None)
+
+
 def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     """Gradients of ``x2d, lora_x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm``."""
-    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, buffer = ctx.saved_tensors
+    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, *buffers = ctx.saved_tensors
     needs = ctx.needs_input_grad[:8]  # the tensor inputs of forward, in order
     need_x, need_lora_x, need_w, need_bias, need_A, need_B, need_m, need_c = needs
-    s, dtype, tokens, rank = ctx.scaling, grad_out.dtype, x2d.shape[0], lora_A.shape[0]
+    s, dtype, tokens = ctx.scaling, grad_out.dtype, x2d.shape[0]
     A, B = lora_A.to(dtype), lora_B.to(dtype)
-    buffer = _take_buffer(ctx, buffer, x2d, lora_x, weight, A, B)
+    buffer, weight_a_t = _take_buffers(ctx, *buffers, x2d, lora_x, weight, A, B)
     direction = buffer[:tokens]
 
     # y = (m/n) ⊙ direction + b: reduce Σ_t g ⊙ direction in place, then the small part.
-    grad_scale = direction.mul_(grad_out).sum(0, dtype=norm.dtype)
+    small = ctx.small
+    with _one_thread(small.passes):
+        grad_scale = direction.mul_(grad_out).sum(0, dtype=norm.dtype)
     grad_sq = grad_A = grad_B = grad_weight_a = None
     if ctx.detach_norm:
         grad_m = grad_scale / norm
     else:
-        with _one_thread(lora_B):
+        with _one_thread(small.norm):
             grad_m, grad_sq, grad_A, grad_B, grad_weight_a = norm_backward(
-                grad_scale, buffer[tokens:].T, lora_A, lora_B, magnitude, sq, norm, s, ctx.eps
+                grad_scale, weight_a_t.T, lora_A, lora_B, magnitude, sq, norm, s, ctx.eps
             )
-            buffer[tokens:] = grad_weight_a.T
+            weight_a_t.copy_(grad_weight_a.T)
 
-    # One matmul with W over [g ⊙ m/n ; ∂L/∂Pᵀ] for the gradients of x and (through P) of A.
-    grad_direction = torch.mul(grad_out, (magnitude.to(norm.dtype) / norm).to(dtype), out=direction)
-    first = 0 if need_x else tokens
-    last = tokens + rank if grad_sq is not None and need_A else tokens
-    grad_in = buffer[first:last] @ weight if need_x or last > first else None
-    grad_x = grad_in[:tokens] if need_x else None
-    if grad_sq is not None and need_A:
-        grad_A = grad_A + grad_in[-rank:]
+    # The matmuls with W of g ⊙ m/n and ∂L/∂Pᵀ: the gradients of x and (through P) of A.
+    scale = (magnitude.to(norm.dtype) / norm).to(dtype)
+    with _one_thread(small.passes):
+        grad_direction = torch.mul(grad_out, scale, out=direction)
+    need_p = grad_sq is not None and need_A
+    grad_x, grad_A_via_P = _frozen_matmul_grads(
+        buffer, weight_a_t, weight, tokens, need_x, need_p, small, ctx.stack
+    )
+    if grad_A_via_P is not None:
+        grad_A = grad_A + grad_A_via_P
 
     # The low-rank branch, as in LoRA.
     grad_low = (grad_direction @ B).mul_(s)
