@@ -118,6 +118,16 @@ def test_retained_graph_backpropagates_twice(stack):
         assert rel_err(ts[name].grad, 2 * grad) <= 1e-12, name
 
 
+@pytest.mark.parametrize("stack", [True, False])
+def test_saved_tensor_hooks_that_copy(stack):
+    """Offloading hooks unpack a copy of every saved tensor, so saved views stop aliasing."""
+    values = leaves()
+    grad_out = torch.randn(2, 5, D_OUT, dtype=torch.float64)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        got = run(ours(stack), values, grad_out, "xABm")
+    assert_same(got, run(reference(), values, grad_out, "xABm"))
+
+
 def test_floored_norm_has_zero_norm_gradient():
     """A row with n² < eps² takes the floor: the gradient through n is 0 there, as clamp gives."""
     values = leaves()

@@ -328,7 +328,9 @@ class DoRALinearFunction(torch.autograd.Function):
         with _one_thread(small.passes):
             out = _rescale(buffer[:tokens], scale, bias)
         saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm)
-        ctx.save_for_backward(*saved, buffer, weight_a_t)
+        # Stacked, Pᵀ is the buffer's last rows: saving it apart would let a saved-tensor hook
+        # (offloading) unpack two copies, and the backward writes ∂L/∂Pᵀ through that view.
+        ctx.save_for_backward(*saved, buffer, None if stack else weight_a_t)
         ctx.scaling, ctx.eps, ctx.detach_norm, ctx.stack = scaling, eps, detach_norm, stack
         ctx.small = small
         ctx.buffer_consumed = False
@@ -342,7 +344,7 @@ class DoRALinearFunction(torch.autograd.Function):
 
 
 def _take_buffers(
-    ctx, buffer: Tensor, weight_a_t: Tensor, x2d, lora_x, weight, A: Tensor, B: Tensor
+    ctx, buffer: Tensor, weight_a_t: Tensor | None, x2d, lora_x, weight, A: Tensor, B: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The saved forward buffer and ``Pᵀ``, for the backward to overwrite.
 
@@ -356,7 +358,8 @@ def _take_buffers(
             x2d, lora_x, weight, A, B, ctx.scaling, ctx.stack, ctx.small
         )
     ctx.buffer_consumed = True
-    return buffer.data, weight_a_t.data
+    buffer = buffer.data
+    return buffer, (buffer[len(x2d) :] if ctx.stack else weight_a_t.data)
 
 
 def norm_forward(
