@@ -109,10 +109,8 @@ def main(argv=None) -> dict:
     row = [case, f"{med['lora'] * 1e3:.1f}", f"{med['baseline'] / med['lora']:.3f}"]
     row += [f"{med['dora'] / med['lora']:.3f}", f"{med['dora'] / med['baseline']:.3f}"]
     print("\n" + C.markdown_table(headers, [[*row, C.noise_note(rounds)]]))
-    payload = {"machine": info, "command": C.command_line(), "case": case, "median_s": med}
-    payload["samples_s"], payload["rounds"] = times, rounds
-    C.write_json(args.json, payload)
-    return payload
+    result = {"case": case, "median_s": med, "samples_s": times, "rounds": rounds}
+    return C.save_results(args.json, info, [result])
 
 
 if __name__ == "__main__":

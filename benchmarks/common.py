@@ -272,6 +272,18 @@ def write_json(path: str | None, payload: dict) -> None:
             json.dump(payload, f, indent=1)
 
 
+def save_results(path: str | None, info: dict, results: list, **extra) -> dict:
+    """The run's JSON payload (machine, command line, results, ``extra``), written to ``path``."""
+    payload = {"machine": info, "command": command_line(), "results": results, **extra}
+    write_json(path, payload)
+    return payload
+
+
+def print_row(row: Sequence[object]) -> None:
+    """One markdown table row, printed as soon as its case is measured."""
+    print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+
+
 def command_line() -> str:
     return " ".join([".venv/bin/python", *sys.argv])
 

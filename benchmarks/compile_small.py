@@ -107,14 +107,12 @@ def main(argv=None) -> dict:
         results.append(
             {"shape": [out_f, in_f], "rank": rank, "median_s": med, "compile_s": compile_s}
         )
-        print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+        C.print_row(row)
     headers = ["out×in", "r", "eager µs", "eager 1 thread µs", "compiled µs"]
     headers += ["saving over the faster eager / step", "compile s"]
     headers.append(f"DoRA step ms (T={args.tokens})")
     print("\n" + C.markdown_table(headers, rows))
-    payload = {"machine": info, "command": C.command_line(), "results": results}
-    C.write_json(args.json, payload)
-    return payload
+    return C.save_results(args.json, info, results)
 
 
 if __name__ == "__main__":

@@ -114,12 +114,10 @@ def main(argv=None) -> dict:
         row.append(C.noise_note(res["rounds"]))
         rows.append(row)
         results.append(res)
-        print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+        C.print_row(row)
     print(f"\n## No-grad eval forward, ratios to LoRA (median of {args.reps} interleaved)\n")
     print(C.markdown_table(headers, rows))
-    payload = {"machine": info, "command": C.command_line(), "results": results}
-    C.write_json(args.json, payload)
-    return payload
+    return C.save_results(args.json, info, results)
 
 
 if __name__ == "__main__":

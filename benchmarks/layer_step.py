@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(res)
         row = memory_table if args.memory_only else timing_table
         print(row([res], variants).splitlines()[-1], flush=True)
-        C.write_json(args.json, {"machine": info, "command": C.command_line(), "results": results})
+        C.save_results(args.json, info, results)
     if not args.memory_only:
         print("\n## Step time, ratios to torchdora LoRA (median of", args.reps, "interleaved)\n")
         print(timing_table(results, variants))

@@ -167,15 +167,13 @@ def main(argv=None) -> dict:
         rows.append(row)
         results.append(res)
         del models, steps
-        print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+        C.print_row(row)
     headers = ["model", "adapted layers", "LoRA step ms", "DoRA/LoRA"]
     if args.memory:
         headers += ["LoRA peak MiB", "DoRA − LoRA MiB"]
     headers.append("others' CPU")
     print("\n" + C.markdown_table(headers, rows))
-    payload = {"machine": info, "command": C.command_line(), "results": results}
-    C.write_json(args.json, payload)
-    return payload
+    return C.save_results(args.json, info, results)
 
 
 if __name__ == "__main__":

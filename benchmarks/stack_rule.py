@@ -105,12 +105,10 @@ def main(argv=None) -> dict:
         row += [f"{med['separate'] / med['stacked']:.3f}", res["rule"], f"{res['rule_cost']:.3f}"]
         rows.append(row)
         results.append(res)
-        print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+        C.print_row(row)
     print("\n" + C.markdown_table(headers, rows))
     print("\n" + C.rule_summary(results, lambda r: f"{r['case']} {r['dtype']}"))
-    payload = {"machine": info, "command": C.command_line(), "results": results}
-    C.write_json(args.json, payload)
-    return payload
+    return C.save_results(args.json, info, results)
 
 
 if __name__ == "__main__":

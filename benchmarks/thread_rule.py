@@ -148,12 +148,10 @@ def main(argv=None) -> dict:
         row += [chosen, f"{res['rule_cost']:.2f}"]
         rows.append(row)
         results.append(res)
-        print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+        C.print_row(row)
     print("\n" + C.markdown_table(headers, rows))
     print("\n" + C.rule_summary(results, lambda r: f"{r['part']}, {r['size']}"))
-    payload = {"machine": info, "command": C.command_line(), "results": results}
-    C.write_json(args.json, payload)
-    return payload
+    return C.save_results(args.json, info, results)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def test_ab_against_a_baseline_checkout(tmp_path):
     root = str(BENCHMARKS.parent)  # this checkout against itself
     args = ["--layer=8,32,48", "--rank=4", "--reps=2", "--warmup=1"]
     payload = run("ab.py", f"--baseline={root}", *args, tmp_path=tmp_path)
-    assert set(payload["median_s"]) == {"lora", "baseline", "dora"}
+    assert set(payload["results"][0]["median_s"]) == {"lora", "baseline", "dora"}
 
     args = ["--baseline", str(tmp_path), "--layer=8,32,48", "--json=x"]
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "ab.py"), *args], capture_output=True)
