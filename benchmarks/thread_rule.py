@@ -88,7 +88,11 @@ def passes_part(tokens: int, out_features: int):
 
 
 def cases(args):
-    """``(part, label, work, small)``: every part at every size, and what ``SmallWork`` picks."""
+    """``(part, label, work, small)``: every part at every size, and what ``SmallWork`` picks.
+
+    The passes depend on ``T × d_out`` only, so each such size comes once.
+    """
+    pass_sizes = set()
     for out_f, in_f in args.shapes:
         weight = torch.empty(out_f, in_f)
         for rank in args.ranks:
@@ -96,7 +100,8 @@ def cases(args):
             label = f"{out_f}×{in_f} r={rank}"
             yield "norm", label, norm_part(out_f, in_f, rank), small.norm
             yield "weight_a", label, weight_a_part(out_f, in_f, rank), small.weight_a
-        for tokens in args.tokens:
+        for tokens in (t for t in args.tokens if (t, out_f) not in pass_sizes):
+            pass_sizes.add((tokens, out_f))
             small = DF.SmallWork.of(tokens, weight, 1)
             yield "passes", f"T={tokens} × {out_f}", passes_part(tokens, out_f), small.passes
 
@@ -130,11 +135,8 @@ def main(argv=None) -> dict:
         "rule",
         "rule/best",
     ]
-    rows, results, seen = [], [], set()
+    rows, results = [], []
     for part_name, label, part, small in cases(args):
-        if (part_name, label) in seen:  # passes depend on T × d_out only
-            continue
-        seen.add((part_name, label))
         calls = calls_per_step(part, args.step_ms / 1e3)
         steps = {k: on_threads(n, part, calls) for k, n in (("one", 1), ("all", args.threads))}
         times, rounds = C.interleaved(
