@@ -23,11 +23,11 @@ from torchdora import functional as DF
 
 
 def small_part(fwd, bwd, tensors, scaling: float, eps: float):
-    c, weight_a, lora_A, lora_B, magnitude, grad_scale = tensors
+    c, weight_a_t, lora_A, lora_B, magnitude, grad_scale = tensors
 
     def run() -> None:
-        _, norm, sq = fwd(c, weight_a, lora_A, lora_B, magnitude, scaling, eps)
-        bwd(grad_scale, weight_a, lora_A, lora_B, magnitude, sq, norm, scaling, eps)
+        _, norm, sq, q = fwd(c, weight_a_t, lora_A, lora_B, magnitude, scaling, eps)
+        bwd(grad_scale, q, weight_a_t, lora_B, magnitude, sq, norm, scaling, eps)
 
     return run
 
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         c = torch.rand(out_f) + 1
         tensors = (
             c,
-            torch.randn(out_f, rank),
+            torch.randn(rank, out_f),
             torch.randn(rank, in_f) / in_f**0.5,
             0.01 * torch.randn(out_f, rank),
             c.sqrt(),

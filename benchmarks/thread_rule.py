@@ -54,12 +54,12 @@ def on_threads(threads: int, part, calls: int):
 
 def norm_part(out_features: int, in_features: int, rank: int):
     A, B = torch.randn(rank, in_features), 0.01 * torch.randn(out_features, rank)
-    weight_a, grad_scale = torch.randn(out_features, rank), torch.randn(out_features)
+    weight_a_t, grad_scale = torch.randn(rank, out_features), torch.randn(out_features)
     sq_norm, magnitude = torch.rand(out_features) + 1, torch.rand(out_features) + 1
 
     def part() -> None:
-        _, norm, sq = DF.norm_forward(sq_norm, weight_a, A, B, magnitude, 2.0, 1e-8)
-        DF.norm_backward(grad_scale, weight_a, A, B, magnitude, sq, norm, 2.0, 1e-8)
+        _, norm, sq, q = DF.norm_forward(sq_norm, weight_a_t, A, B, magnitude, 2.0, 1e-8)
+        DF.norm_backward(grad_scale, q, weight_a_t, B, magnitude, sq, norm, 2.0, 1e-8)
 
     return part
 

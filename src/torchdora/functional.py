@@ -63,21 +63,22 @@ def factored_row_norm(
         ``n² `` is clamped at 0 against cancellation, and the floor is applied as
         ``sqrt(max(n², eps²))`` so the gradient stays finite (zero) on floored rows.
     """
-    sq = _row_sq_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling)
+    sq, _ = _sq_norm_terms(weight_sq_norm, weight_a.T, lora_A, lora_B, scaling)
     return sq.clamp_min(eps * eps).sqrt()
 
 
-def _row_sq_norm(
-    weight_sq_norm: Tensor, weight_a: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
-) -> Tensor:
-    """``n² = c + 2s·Σ B⊙P + s²·Σ (B G)⊙B`` per row, before the floor."""
+def _sq_norm_terms(
+    weight_sq_norm: Tensor, weight_a_t: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """``n²`` per row before the floor, and the ``r × d_out`` matrix ``Q`` it is made of.
+
+    ``n² = c + 2s·Σ B⊙P + s²·Σ (B G)⊙B = c + s·Σ_r Bᵀ⊙Q`` with ``Q = 2Pᵀ + s·G Bᵀ``: one
+    ``addmm`` and one row reduction. The backward reuses ``Q`` (``Q − Pᵀ = Pᵀ + s·G Bᵀ``).
+    """
     dtype = weight_sq_norm.dtype
-    B = lora_B.to(dtype)
-    A = lora_A.to(dtype)
-    gram = A @ A.T
-    cross = (B * weight_a.to(dtype)).sum(dim=1)
-    quad = ((B @ gram) * B).sum(dim=1)
-    return weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
+    A, B_t = lora_A.to(dtype), lora_B.to(dtype).T
+    q = torch.addmm(weight_a_t.to(dtype), A @ A.T, B_t, beta=2.0, alpha=scaling)
+    return torch.add(weight_sq_norm, (B_t * q).sum(0), alpha=scaling), q
 
 
 STACK_MAX_TOKENS_PER_OUT = 0.5
@@ -322,12 +323,13 @@ class DoRALinearFunction(torch.autograd.Function):
             x2d, lora_x, weight, A, B, scaling, stack, small
         )
         with _one_thread(small.norm):
-            scale, norm, sq = norm_forward(
-                weight_sq_norm, weight_a_t.T, lora_A, lora_B, magnitude, scaling, eps
+            scale, norm, sq, q = norm_forward(
+                weight_sq_norm, weight_a_t, lora_A, lora_B, magnitude, scaling, eps
             )
+            scale = scale.to(dtype)
         with _one_thread(small.passes):
             out = _rescale(buffer[:tokens], scale, bias)
-        saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm)
+        saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, q, scale)
         # Stacked, Pᵀ is the buffer's last rows: saving it apart would let a saved-tensor hook
         # (offloading) unpack two copies, and the backward writes ∂L/∂Pᵀ through that view.
         ctx.save_for_backward(*saved, buffer, None if stack else weight_a_t)
@@ -364,23 +366,27 @@ def _take_buffers(
 
 def norm_forward(
     weight_sq_norm: Tensor,
-    weight_a: Tensor,
+    weight_a_t: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
     magnitude: Tensor,
     scaling: float,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The forward's small part: ``(m/n, n, n²)`` per row, from ``P = W Aᵀ`` (d_out × r work)."""
-    sq = _row_sq_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling)
-    norm = sq.clamp_min(eps * eps).sqrt()
-    return magnitude.to(norm.dtype) / norm, norm, sq
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward's small part: ``(m/n, n, n², Q)`` per row from ``Pᵀ = A Wᵀ`` (r × d_out).
+
+    Few ops on purpose: right after the frozen matmul, each small op costs several times its
+    isolated time on CPU (caches refilled), so the op count, not the arithmetic, is the cost.
+    """
+    sq, q = _sq_norm_terms(weight_sq_norm, weight_a_t, lora_A, lora_B, scaling)
+    norm = sq.clamp_min(eps * eps).sqrt_()
+    return magnitude.to(norm.dtype) / norm, norm, sq, q
 
 
 def norm_backward(
     grad_scale: Tensor,
-    weight_a: Tensor,
-    lora_A: Tensor,
+    q: Tensor,
+    weight_a_t: Tensor,
     lora_B: Tensor,
     magnitude: Tensor,
     sq: Tensor,
@@ -388,21 +394,22 @@ def norm_backward(
     scaling: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backward's small part: from ``∂L/∂(m/n)``, the gradients of ``m, n², A, B, P``.
+    """The backward's small part, from ``∂L/∂(m/n)``: ``(∂L/∂m, ∂L/∂n², ∂L/∂Bᵀ, ∂L/∂Pᵀ, K)``.
 
-    ``n = sqrt(max(n², eps²))`` and ``n² = c + 2s·Σ B⊙P + s²·Σ (B G)⊙B`` with ``G = A Aᵀ``; the
-    gradients of ``A`` and ``B`` are the parts through ``n`` only (``P``'s own part through
-    ``W`` is left to the caller's matmul).
+    With ``n = sqrt(max(n², eps²))``: ``∂L/∂n² = −½·(∂L/∂(m/n))·m/n³`` (0 on floored rows),
+    ``∂L/∂Pᵀ = 2s·∂L/∂n² ⊙ Bᵀ`` and ``∂L/∂Bᵀ = 2s·∂L/∂n² ⊙ (Pᵀ + s·G Bᵀ) = 2s·∂L/∂n² ⊙ (Q − Pᵀ)``,
+    all ``r × d_out``. ``A`` gets ``s·K A`` through ``G = A Aᵀ``, with ``K = (∂L/∂Pᵀ) B``
+    (``r × r``), and ``(∂L/∂Pᵀ) W`` through ``P`` (the caller's matmul).
     """
-    dtype, s = norm.dtype, scaling
-    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    dtype = norm.dtype
+    B = lora_B.to(dtype)
     grad_m = grad_scale / norm
-    grad_sq = (grad_scale * magnitude.to(dtype)).div_(norm.pow(3)).mul_(-0.5)
-    grad_sq = grad_sq.masked_fill_(sq < eps * eps, 0.0).unsqueeze(1)
-    grad_B = (2 * s) * grad_sq * (weight_a.to(dtype) + s * (B @ (A @ A.T)))
-    grad_A = (2 * s * s) * (B.T @ (grad_sq * B)) @ A
-    grad_weight_a = (2 * s) * grad_sq * B
-    return grad_m, grad_sq.squeeze(1), grad_A, grad_B, grad_weight_a
+    grad_sq = (grad_m * magnitude.to(dtype)).div_(sq.clamp_min(eps * eps)).mul_(-0.5)
+    grad_sq = grad_sq.masked_fill_(sq < eps * eps, 0.0)
+    grad_sq_2s = grad_sq * (2.0 * scaling)
+    grad_weight_a_t = B.T * grad_sq_2s
+    grad_B_t = torch.sub(q, weight_a_t).mul_(grad_sq_2s)
+    return grad_m, grad_sq, grad_B_t, grad_weight_a_t, grad_weight_a_t @ B
 
 
 def _frozen_matmul_grads(
@@ -427,7 +434,9 @@ def _frozen_matmul_grads(
 
 def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     """Gradients of ``x2d, lora_x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm``."""
-    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, *buffers = ctx.saved_tensors
+    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, q, scale, *buffers = (
+        ctx.saved_tensors
+    )
     needs = ctx.needs_input_grad[:8]  # the tensor inputs of forward, in order
     need_x, need_lora_x, need_w, need_bias, need_A, need_B, need_m, need_c = needs
     s, dtype, tokens = ctx.scaling, grad_out.dtype, x2d.shape[0]
@@ -439,35 +448,36 @@ def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     small = ctx.small
     with _one_thread(small.passes):
         grad_scale = direction.mul_(grad_out).sum(0, dtype=norm.dtype)
-    grad_sq = grad_A = grad_B = grad_weight_a = None
+    grad_sq = grad_B_t = gram_part = None
     if ctx.detach_norm:
         grad_m = grad_scale / norm
     else:
         with _one_thread(small.norm):
-            grad_m, grad_sq, grad_A, grad_B, grad_weight_a = norm_backward(
-                grad_scale, weight_a_t.T, lora_A, lora_B, magnitude, sq, norm, s, ctx.eps
+            grad_m, grad_sq, grad_B_t, grad_weight_a_t, gram_part = norm_backward(
+                grad_scale, q, weight_a_t, lora_B, magnitude, sq, norm, s, ctx.eps
             )
-            weight_a_t.copy_(grad_weight_a.T)
+            weight_a_t.copy_(grad_weight_a_t)
 
     # The matmuls with W of g ⊙ m/n and ∂L/∂Pᵀ: the gradients of x and (through P) of A.
-    scale = (magnitude.to(norm.dtype) / norm).to(dtype)
     with _one_thread(small.passes):
         grad_direction = torch.mul(grad_out, scale, out=direction)
     need_p = grad_sq is not None and need_A
     grad_x, grad_A_via_P = _frozen_matmul_grads(
         buffer, weight_a_t, weight, tokens, need_x, need_p, small, ctx.stack
     )
-    if grad_A_via_P is not None:
-        grad_A = grad_A + grad_A_via_P
 
-    # The low-rank branch, as in LoRA.
+    # The low-rank branch, as in LoRA, plus the parts through the norm.
     grad_low = (grad_direction @ B).mul_(s)
+    grad_A = grad_B = None
     if need_B:
-        grad_B_lora = (grad_direction.T @ low_rank).mul_(s)
-        grad_B = grad_B_lora if grad_B is None else grad_B + grad_B_lora
+        grad_B = (grad_direction.T @ low_rank).mul_(s)
+        if grad_B_t is not None:
+            grad_B = torch.add(grad_B, grad_B_t.T)  # float32 like the norm; keeps B's layout
     if need_A:
-        grad_A_lora = grad_low.T @ (x2d if lora_x is None else lora_x)
-        grad_A = grad_A_lora if grad_A is None else grad_A + grad_A_lora
+        grad_A = grad_low.T @ (x2d if lora_x is None else lora_x)
+        if need_p:
+            grad_A = torch.addmm(grad_A.to(norm.dtype), gram_part, lora_A.to(norm.dtype), alpha=s)
+            grad_A = grad_A.add_(grad_A_via_P)
     grad_lora_x = None
     if lora_x is None and need_x:
         grad_x.addmm_(grad_low, A)
@@ -477,8 +487,8 @@ def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     grad_w = None
     if need_w:
         grad_w = grad_direction.T @ x2d
-        if grad_weight_a is not None:
-            grad_w.addmm_(grad_weight_a.to(dtype), A)
+        if grad_sq is not None:
+            grad_w.addmm_(weight_a_t.T, A)
     return (
         grad_x,
         grad_lora_x,
