@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     # import-time chatter about CUDA-only kernels out of the job's output.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["finetune"]  # the main job
@@ -268,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if as_program and args.command == "finetune":
+        from torchdora.train.allocator import keep_freed_memory
+
+        keep_freed_memory()  # the process is ours: keep memory between training steps
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -7,6 +7,7 @@ Needs the ``train`` extra (``pip install torchdora[train]``) only for
 progress bar (``tqdm``); the rest runs on PyTorch alone.
 """
 
+from torchdora.train.allocator import keep_freed_memory
 from torchdora.train.arguments import TrainingArguments
 from torchdora.train.batch import (
     count_loss_items,
@@ -77,6 +78,7 @@ __all__ = [
     "get_parameter_groups",
     "get_rng_state",
     "get_scheduler",
+    "keep_freed_memory",
     "load_bbc_news",
     "load_causal_lm",
     "load_chatterbot_corpus",
