@@ -23,6 +23,7 @@ import model_step
 import torch
 
 HERE = Path(__file__).resolve().parent.parent
+PAIRS = (("baseline", "lora"), ("dora", "lora"), ("dora", "baseline"))
 
 
 def import_torchdora(root: Path):
@@ -81,6 +82,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None)
     C.add_noise_arguments(p)
+    C.add_malloc_argument(p)
     args = p.parse_args(argv)
     if (args.model is None) == (args.layer is None):
         p.error("give exactly one of --model and --layer")
@@ -91,7 +93,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    device = C.setup("cpu", args.threads)
+    device = C.setup("cpu", args.threads, keep_freed_memory=args.keep_freed_memory)
     baseline, current = import_torchdora(args.baseline), import_torchdora(HERE)
     libraries = {"lora": (current, False), "baseline": (baseline, True), "dora": (current, True)}
     if args.layer:
@@ -105,11 +107,15 @@ def main(argv=None) -> dict:
     )
     med = {k: C.median(v) for k, v in times.items()}
     case = args.model or "×".join(map(str, args.layer))
-    headers = ["case", "LoRA ms", "baseline DoRA/LoRA", "DoRA/LoRA", "DoRA/baseline", "others' CPU"]
+    paired = {k: C.paired_ratio(times, *k) for k in PAIRS}
+    headers = ["case", "LoRA ms", "baseline DoRA/LoRA", "DoRA/LoRA", "DoRA/baseline"]
+    headers += [f"paired {a}/{b}" for a, b in PAIRS] + ["others' CPU"]
     row = [case, f"{med['lora'] * 1e3:.1f}", f"{med['baseline'] / med['lora']:.3f}"]
     row += [f"{med['dora'] / med['lora']:.3f}", f"{med['dora'] / med['baseline']:.3f}"]
+    row += [f"{paired[k]:.3f}" for k in PAIRS]
     print("\n" + C.markdown_table(headers, [[*row, C.noise_note(rounds)]]))
     result = {"case": case, "median_s": med, "samples_s": times, "rounds": rounds}
+    result["paired_ratio"] = {f"{a}/{b}": value for (a, b), value in paired.items()}
     return C.save_results(args.json, info, [result])
 
 

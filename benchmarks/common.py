@@ -31,6 +31,8 @@ from importlib import metadata
 
 import torch
 
+from torchdora.train.allocator import keep_freed_memory as keep_freed_memory_here
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2**20
 
@@ -46,14 +48,32 @@ def csv(kind: Callable[[str], object]) -> Callable[[str], list]:
     return lambda text: [kind(v) for v in text.split(",") if v]
 
 
-def setup(device: str, threads: int, seed: int = 0) -> torch.device:
-    """Fix threads and seed; exit cleanly (status 0) when CUDA is asked for but absent."""
+MALLOC = {"freed memory": "returned to the system (glibc default)"}
+"""How this process's ``malloc`` treats freed memory, for :func:`machine` (set by :func:`setup`)."""
+
+
+def setup(
+    device: str, threads: int, seed: int = 0, keep_freed_memory: bool = False
+) -> torch.device:
+    """Fix threads, seed and ``malloc`` policy; exit cleanly (status 0) when CUDA is asked for
+    but absent."""
     if device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here: skipping (nothing was measured).")
         sys.exit(0)
+    if keep_freed_memory and keep_freed_memory_here():
+        MALLOC["freed memory"] = "kept, as `torchdora finetune` does"
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     return torch.device(device)
+
+
+def add_malloc_argument(parser) -> None:
+    """``--keep-freed-memory``: measure with ``torchdora.train.keep_freed_memory`` applied."""
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="keep freed CPU memory in the process (glibc), as `torchdora finetune` does",
+    )
 
 
 def machine(device: torch.device) -> dict:
@@ -65,6 +85,7 @@ def machine(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
+        **MALLOC,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -194,6 +215,16 @@ def interleaved(
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of ``name``'s time ÷ ``baseline``'s in the same round.
+
+    The two ran back to back, so a slow spell of the machine slows both and cancels in the
+    ratio; the ratio of the two medians does not pair them, and on this shared machine a whole
+    model's step moves by ±15% from round to round.
+    """
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline], strict=True))
 
 
 def peak_memory(step: Callable[[], object], device: torch.device, warmup: int = 1) -> float:

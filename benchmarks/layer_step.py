@@ -135,6 +135,8 @@ def memory_case(case: Case, variants: list[str], args) -> dict[str, float]:
     common = [*case.args(), f"--device={args.device}", f"--threads={args.threads}"]
     if args.optimizer:
         common.append("--optimizer")
+    if args.keep_freed_memory:
+        common.append("--keep-freed-memory")
     return {
         v: C.peak_in_subprocess(__file__, [*common, f"--variants={v}", "--memory-child"])
         for v in variants
@@ -258,6 +260,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step")
     C.add_noise_arguments(p)
+    C.add_malloc_argument(p)
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-only", action="store_true", help="peak memory, no timing")
     p.add_argument("--json", default=None, help="write every sample and the machine here")
@@ -280,7 +283,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    device = C.setup(args.device, args.threads)
+    device = C.setup(args.device, args.threads, keep_freed_memory=args.keep_freed_memory)
     if args.memory_child:
         memory_child(args, device)
         return {}

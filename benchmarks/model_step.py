@@ -108,6 +108,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     C.add_noise_arguments(p)
+    C.add_malloc_argument(p)
     args = p.parse_args(argv)
     if args.targets != "all-linear":
         args.targets = args.targets.split(",")
@@ -122,12 +123,14 @@ def child_args(args, name: str) -> list[str]:
         out.append(f"--layers={args.layers}")
     if args.optimizer:
         out.append("--optimizer")
+    if args.keep_freed_memory:
+        out.append("--keep-freed-memory")
     return out
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    device = C.setup("cpu", args.threads)
+    device = C.setup("cpu", args.threads, keep_freed_memory=args.keep_freed_memory)
     if args.memory_child:
         name = args.models[0]
         model = adapted(base_model(name, args.layers), args.memory_child, args)
@@ -155,7 +158,9 @@ def main(argv=None) -> dict:
         res = {"model": name, "median_s": med, "samples_s": times, "rounds": rounds}
         res["trainable"] = counts
         res["adapted_layers"] = adapted_layers
+        res["paired_ratio"] = C.paired_ratio(times, "dora", "lora")
         row = [name, adapted_layers, f"{med['lora'] * 1e3:.0f}", f"{med['dora'] / med['lora']:.3f}"]
+        row.append(f"{res['paired_ratio']:.3f}")
         if args.memory:
             res["peak_mib"] = {
                 v: C.peak_in_subprocess(__file__, [*child_args(args, name), f"--memory-child={v}"])
@@ -168,7 +173,7 @@ def main(argv=None) -> dict:
         results.append(res)
         del models, steps
         C.print_row(row)
-    headers = ["model", "adapted layers", "LoRA step ms", "DoRA/LoRA"]
+    headers = ["model", "adapted layers", "LoRA step ms", "DoRA/LoRA", "paired DoRA/LoRA"]
     if args.memory:
         headers += ["LoRA peak MiB", "DoRA − LoRA MiB"]
     headers.append("others' CPU")

@@ -49,8 +49,9 @@ def test_layer_step_times_every_variant(tmp_path):
 def test_layer_step_measures_peak_memory(tmp_path):
     payload = run(
         "layer_step.py", *TINY, "--dtypes=fp32", "--variants=lora,dora", "--optimizer",
-        tmp_path=tmp_path,
+        "--keep-freed-memory", tmp_path=tmp_path,
     )  # fmt: skip
+    assert payload["machine"]["freed memory"].startswith("kept")
     peaks = payload["results"][0]["peak_mib"]
     assert set(peaks) == {"lora", "dora"}
     assert all(peak >= 0 for peak in peaks.values())
@@ -68,7 +69,10 @@ def test_ab_against_a_baseline_checkout(tmp_path):
     root = str(BENCHMARKS.parent)  # this checkout against itself
     args = ["--layer=8,32,48", "--rank=4", "--reps=2", "--warmup=1"]
     payload = run("ab.py", f"--baseline={root}", *args, tmp_path=tmp_path)
-    assert set(payload["results"][0]["median_s"]) == {"lora", "baseline", "dora"}
+    result = payload["results"][0]
+    assert set(result["median_s"]) == {"lora", "baseline", "dora"}
+    assert set(result["paired_ratio"]) == {"baseline/lora", "dora/lora", "dora/baseline"}
+    assert payload["machine"]["freed memory"].startswith("returned")
 
     args = ["--baseline", str(tmp_path), "--layer=8,32,48", "--json=x"]
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "ab.py"), *args], capture_output=True)
