@@ -81,6 +81,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None)
     C.add_noise_arguments(p)
+    C.add_malloc_argument(p)
     args = p.parse_args(argv)
     full_shapes = [(1024, 1024), (4096, 4096), (8192, 2048), (2048, 8192)]
     args.shapes = args.shapes or ([(4096, 4096)] if args.quick else full_shapes)
@@ -92,7 +93,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    device = C.setup(args.device, args.threads)
+    device = C.setup(args.device, args.threads, keep_freed_memory=args.keep_freed_memory)
     info = C.machine(device)
     print(f"# stack_rule on {info}\n# {C.command_line()}", flush=True)
     headers = ["dtype", "out×in", "T", "r", "stacked ms", "separate/stacked", "rule", "rule/best"]
