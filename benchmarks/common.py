@@ -31,8 +31,6 @@ from importlib import metadata
 
 import torch
 
-from torchdora.train.allocator import keep_freed_memory as keep_freed_memory_here
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2**20
 
@@ -60,8 +58,11 @@ def setup(
     if device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here: skipping (nothing was measured).")
         sys.exit(0)
-    if keep_freed_memory and keep_freed_memory_here():
-        MALLOC["freed memory"] = "kept, as `torchdora finetune` does"
+    if keep_freed_memory:
+        from torchdora.train.allocator import keep_freed_memory as keep
+
+        if keep():
+            MALLOC["freed memory"] = "kept, as `torchdora finetune` does"
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     return torch.device(device)

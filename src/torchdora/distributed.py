@@ -34,6 +34,11 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def launched_with_ranks() -> bool:
+    """Whether the environment describes several processes (``WORLD_SIZE`` > 1, as torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_from_environment() -> bool:
     """Join the process group ``torchrun`` describes, if it describes one.
 
@@ -44,7 +49,7 @@ def init_from_environment() -> bool:
     """
     if is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched_with_ranks():
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
