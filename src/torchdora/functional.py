@@ -40,6 +40,16 @@ def weight_sq_row_norm(weight: Tensor, dtype: torch.dtype | None = None) -> Tens
     return torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square()
 
 
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``m/n`` multiplies outputs of ``dtype`` in.
+
+    float16 ends at 65504, which ``m/n`` passes on a row whose norm is small even where the
+    output ``(m/n)·V x`` fits: float16 outputs are scaled by a float32 ``m/n`` and rounded
+    once. Every other dtype holds ``m/n`` itself.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def factored_row_norm(
     weight_sq_norm: Tensor,
     weight_a: Tensor,
@@ -190,7 +200,7 @@ def _dora_linear_autograd(
     norm = factored_row_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling, eps)
     if detach_norm:
         norm = norm.detach()
-    scale = (magnitude.to(norm.dtype) / norm).to(x2d.dtype)
+    scale = (magnitude.to(norm.dtype) / norm).to(scale_dtype(x2d.dtype))
     direction = add_lora(base, x2d if lora_x is None else lora_x, lora_A, lora_B, scaling)
     return _rescale(direction, scale, bias)
 
@@ -326,7 +336,7 @@ class DoRALinearFunction(torch.autograd.Function):
             scale, norm, sq, q = norm_forward(
                 weight_sq_norm, weight_a_t, lora_A, lora_B, magnitude, scaling, eps
             )
-            scale = scale.to(dtype)
+            scale = scale.to(scale_dtype(dtype))
         with _one_thread(small.passes):
             out = _rescale(buffer[:tokens], scale, bias)
         saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, q, scale)
@@ -518,7 +528,7 @@ def dora_linear_scaled(
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
     out = add_lora_(F.linear(x2d, weight), x2d, lora_A, lora_B, scaling)
-    scale = scale.to(out.dtype)
+    scale = scale.to(scale_dtype(out.dtype))
     if bias is None:
         out = out.mul_(scale)
     else:
@@ -600,10 +610,11 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def _rescale(direction: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    scale = scale.to(direction.dtype)
-    if bias is None:
-        return direction * scale
-    return torch.addcmul(bias.to(direction.dtype), direction, scale)
+    """``direction ⊙ scale + bias`` in ``direction``'s dtype (see :func:`scale_dtype`)."""
+    dtype = direction.dtype
+    scale = scale.to(scale_dtype(dtype))
+    out = direction * scale if bias is None else torch.addcmul(bias.to(dtype), direction, scale)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchdora import functional as DF
 from torchdora.layers.base import DoRALayer
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -74,7 +75,8 @@ class DoRAConv(DoRALayer):
             return base(x) + self.scaling * low_rank
         channel_view = (-1,) + (1,) * (self.base_weight.dim() - 2)  # broadcast over spatial dims
         direction = base._conv_forward(x, self.base_weight, None) + self.scaling * low_rank
-        out = direction * self.magnitude_scale().to(direction.dtype).view(channel_view)
+        scale = self.magnitude_scale().to(DF.scale_dtype(direction.dtype)).view(channel_view)
+        out = (direction * scale).to(direction.dtype)
         if base.bias is not None:
             out = out + base.bias.to(out.dtype).view(channel_view)
         return out

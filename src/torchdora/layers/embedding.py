@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchdora import functional as DF
 from torchdora.layers.base import DoRALayer
 
 
@@ -76,4 +77,5 @@ class DoRAEmbedding(DoRALayer):
         direction = result + self.scaling * low_rank
         if not self.use_dora:
             return direction
-        return direction * self.magnitude_scale().to(direction.dtype)
+        scale = self.magnitude_scale().to(DF.scale_dtype(direction.dtype))
+        return (direction * scale).to(direction.dtype)
