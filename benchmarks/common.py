@@ -81,6 +81,7 @@ def machine(device: torch.device) -> dict:
     """What the numbers were measured on."""
     info = {
         "cpu": _cpu_model(),
+        "cpu capability": torch.backends.cpu.get_cpu_capability(),  # AVX2: bfloat16 is slow
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -5,6 +5,8 @@ optionally followed by an AdamW step (``--optimizer``). Variants:
 
 * ``lora``      torchdora ``LoRALinear`` — the reference every ratio is taken against;
 * ``dora``      torchdora ``DoRALinear`` (exact norm gradient, the default);
+* ``dora-detached``: ``DoRALinear(detach_norm=True)``, the norm a constant in the backward as
+  in PEFT's DoRA (paper §4.3): the like-for-like comparison with ``peft-dora``; only when asked;
 * ``frozen``    the bare frozen ``nn.Linear`` (what any adapter adds to);
 * ``peft-lora`` / ``peft-dora``: PEFT's ``lora.Linear`` with ``use_dora`` off/on, called
   directly (no PeftModel wrapper), as ``pip install -e .[bench]`` installs it.
@@ -12,6 +14,8 @@ optionally followed by an AdamW step (``--optimizer``). Variants:
 Grid (default): shapes 1024x1024, 4096x4096, 8192x2048, 2048x8192 (out × in), tokens
 128/512/2048/8192, ranks 8/16/64, float32 and bfloat16. ``--quick``: the cases the targets
 are stated for (4096², r=16, T=128 and 2048, float32); under 3 minutes on 2 idle cores.
+bfloat16 matmuls are fast only on CPUs with AVX-512 (or on a GPU); on an AVX2-only CPU they take
+a slow path and the bfloat16 grid takes hours (the machine line records the CPU capability).
 
     .venv/bin/python benchmarks/layer_step.py --quick
     .venv/bin/python benchmarks/layer_step.py --json runs/layer_step.json     # full grid
@@ -31,7 +35,8 @@ from torch import nn
 
 from torchdora import DoRALinear, LoRALinear
 
-VARIANTS = ("lora", "dora", "frozen", "peft-lora", "peft-dora")
+DEFAULT_VARIANTS = ("lora", "dora", "frozen", "peft-lora", "peft-dora")
+VARIANTS = (*DEFAULT_VARIANTS, "dora-detached")
 ALPHA = 16.0
 
 
@@ -68,9 +73,10 @@ def build(variant: str, base: nn.Linear, rank: int) -> nn.Module:
     """The module a variant times, wrapping ``base`` (shared, never copied)."""
     if variant == "frozen":
         return base.requires_grad_(False)
-    if variant in ("lora", "dora"):
-        kind = DoRALinear if variant == "dora" else LoRALinear
-        layer = kind.from_linear(base, rank=rank, alpha=ALPHA)
+    if variant in ("lora", "dora", "dora-detached"):
+        kind = LoRALinear if variant == "lora" else DoRALinear
+        detach = {"detach_norm": True} if variant == "dora-detached" else {}
+        layer = kind.from_linear(base, rank=rank, alpha=ALPHA, **detach)
         lora_B = layer.lora_B
     else:
         import peft
@@ -253,7 +259,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=C.csv(int), default=None)
     p.add_argument("--ranks", type=C.csv(int), default=None)
     p.add_argument("--dtypes", type=C.csv(str), default=None, help="fp32,bf16,fp16")
-    p.add_argument("--variants", type=C.csv(str), default=list(VARIANTS))
+    p.add_argument("--variants", type=C.csv(str), default=list(DEFAULT_VARIANTS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 10)")

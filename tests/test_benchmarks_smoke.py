@@ -28,7 +28,7 @@ def run(script: str, *args: str, tmp_path: Path) -> dict:
 
 
 def test_layer_step_times_every_variant(tmp_path):
-    variants = "lora,dora,frozen"
+    variants = "lora,dora,frozen,dora-detached"
     try:
         import peft  # noqa: F401
 
