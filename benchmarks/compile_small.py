@@ -26,8 +26,8 @@ def small_part(fwd, bwd, tensors, scaling: float, eps: float):
     c, weight_a_t, lora_A, lora_B, magnitude, grad_scale = tensors
 
     def run() -> None:
-        _, norm, sq, q = fwd(c, weight_a_t, lora_A, lora_B, magnitude, scaling, eps)
-        bwd(grad_scale, q, weight_a_t, lora_B, magnitude, sq, norm, scaling, eps)
+        _, norm, floored, q = fwd(c, weight_a_t, lora_A, lora_B, magnitude, scaling, eps)
+        bwd(grad_scale, q, weight_a_t, lora_B, magnitude, floored, norm, scaling)
 
     return run
 

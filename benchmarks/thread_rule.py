@@ -58,8 +58,8 @@ def norm_part(out_features: int, in_features: int, rank: int):
     sq_norm, magnitude = torch.rand(out_features) + 1, torch.rand(out_features) + 1
 
     def part() -> None:
-        _, norm, sq, q = DF.norm_forward(sq_norm, weight_a_t, A, B, magnitude, 2.0, 1e-8)
-        DF.norm_backward(grad_scale, q, weight_a_t, B, magnitude, sq, norm, 2.0, 1e-8)
+        _, norm, floored, q = DF.norm_forward(sq_norm, weight_a_t, A, B, magnitude, 2.0, 1e-8)
+        DF.norm_backward(grad_scale, q, weight_a_t, B, magnitude, floored, norm, 2.0)
 
     return part
 

@@ -66,15 +66,29 @@ def factored_row_norm(
         lora_A: ``(r, d_in)``.
         lora_B: ``(d_out, r)``.
         scaling: ``s``.
-        eps: lower bound of the result.
+        eps: absolute lower bound of the result.
 
     Returns:
-        ``n`` of shape ``(d_out,)`` in ``weight_sq_norm``'s dtype (at least float32).
-        ``n² `` is clamped at 0 against cancellation, and the floor is applied as
-        ``sqrt(max(n², eps²))`` so the gradient stays finite (zero) on floored rows.
+        ``n`` of shape ``(d_out,)`` in ``weight_sq_norm``'s dtype (at least float32), as
+        ``sqrt(max(n², floor))`` with :func:`sq_norm_floor`: finite, and with a zero gradient
+        on floored rows.
     """
     sq, _ = _sq_norm_terms(weight_sq_norm, weight_a.T, lora_A, lora_B, scaling)
-    return sq.clamp_min(eps * eps).sqrt()
+    return torch.maximum(sq, sq_norm_floor(weight_sq_norm, weight_a.dtype, eps)).sqrt()
+
+
+def sq_norm_floor(weight_sq_norm: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
+    """The least ``n²`` a row is given: ``max(eps², 2ε·‖W_i‖²)``, ε the machine epsilon of
+    ``dtype`` (``P``'s) or of the norm's dtype, whichever is coarser.
+
+    Where the update cancels a row (``s·B_i A ≈ −W_i``) the factored ``n²`` is a difference of
+    terms of size ``‖W_i‖²`` and keeps their rounding, about ``2ε·‖W_i‖²``, while the direction
+    ``W x + s·B A x`` keeps its own; below that ``n`` is noise, and ``m/n`` would blow the
+    direction's noise up past ``|m_i|·‖x‖``, the bound ``|y_i − b_i|`` has exactly. (In
+    bfloat16 that floor is ``n ≥ 0.09·‖W_i‖``: ``P`` comes out of a bfloat16 matmul.)
+    """
+    machine_eps = max(torch.finfo(dtype).eps, torch.finfo(weight_sq_norm.dtype).eps)
+    return (weight_sq_norm.detach() * (2.0 * machine_eps)).clamp_min_(eps * eps)  # a constant
 
 
 def _sq_norm_terms(
@@ -333,17 +347,17 @@ class DoRALinearFunction(torch.autograd.Function):
             x2d, lora_x, weight, A, B, scaling, stack, small
         )
         with _one_thread(small.norm):
-            scale, norm, sq, q = norm_forward(
+            scale, norm, floored, q = norm_forward(
                 weight_sq_norm, weight_a_t, lora_A, lora_B, magnitude, scaling, eps
             )
             scale = scale.to(scale_dtype(dtype))
         with _one_thread(small.passes):
             out = _rescale(buffer[:tokens], scale, bias)
-        saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, q, scale)
+        saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, floored, norm, q, scale)
         # Stacked, Pᵀ is the buffer's last rows: saving it apart would let a saved-tensor hook
         # (offloading) unpack two copies, and the backward writes ∂L/∂Pᵀ through that view.
         ctx.save_for_backward(*saved, buffer, None if stack else weight_a_t)
-        ctx.scaling, ctx.eps, ctx.detach_norm, ctx.stack = scaling, eps, detach_norm, stack
+        ctx.scaling, ctx.detach_norm, ctx.stack = scaling, detach_norm, stack
         ctx.small = small
         ctx.buffer_consumed = False
         return out
@@ -383,14 +397,16 @@ def norm_forward(
     scaling: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward's small part: ``(m/n, n, n², Q)`` per row from ``Pᵀ = A Wᵀ`` (r × d_out).
+    """The forward's small part from ``Pᵀ = A Wᵀ`` (r × d_out): ``(m/n, n, floored, Q)``, with
+    ``floored`` the rows whose ``n²`` is :func:`sq_norm_floor`'s.
 
     Few ops on purpose: right after the frozen matmul, each small op costs several times its
     isolated time on CPU (caches refilled), so the op count, not the arithmetic, is the cost.
     """
     sq, q = _sq_norm_terms(weight_sq_norm, weight_a_t, lora_A, lora_B, scaling)
-    norm = sq.clamp_min(eps * eps).sqrt_()
-    return magnitude.to(norm.dtype) / norm, norm, sq, q
+    floor = sq_norm_floor(weight_sq_norm, weight_a_t.dtype, eps)
+    norm = torch.maximum(sq, floor).sqrt_()
+    return magnitude.to(norm.dtype) / norm, norm, sq < floor, q
 
 
 def norm_backward(
@@ -399,14 +415,13 @@ def norm_backward(
     weight_a_t: Tensor,
     lora_B: Tensor,
     magnitude: Tensor,
-    sq: Tensor,
+    floored: Tensor,
     norm: Tensor,
     scaling: float,
-    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward's small part, from ``∂L/∂(m/n)``: ``(∂L/∂m, ∂L/∂n², ∂L/∂Bᵀ, ∂L/∂Pᵀ, K)``.
 
-    With ``n = sqrt(max(n², eps²))``: ``∂L/∂n² = −½·(∂L/∂(m/n))·m/n³`` (0 on floored rows),
+    With ``n = sqrt(max(n², floor))``: ``∂L/∂n² = −½·(∂L/∂(m/n))·m/n³`` (0 on floored rows),
     ``∂L/∂Pᵀ = 2s·∂L/∂n² ⊙ Bᵀ`` and ``∂L/∂Bᵀ = 2s·∂L/∂n² ⊙ (Pᵀ + s·G Bᵀ) = 2s·∂L/∂n² ⊙ (Q − Pᵀ)``,
     all ``r × d_out``. ``A`` gets ``s·K A`` through ``G = A Aᵀ``, with ``K = (∂L/∂Pᵀ) B``
     (``r × r``), and ``(∂L/∂Pᵀ) W`` through ``P`` (the caller's matmul).
@@ -414,8 +429,8 @@ def norm_backward(
     dtype = norm.dtype
     B = lora_B.to(dtype)
     grad_m = grad_scale / norm
-    grad_sq = (grad_m * magnitude.to(dtype)).div_(sq.clamp_min(eps * eps)).mul_(-0.5)
-    grad_sq = grad_sq.masked_fill_(sq < eps * eps, 0.0)
+    grad_sq = (grad_m * magnitude.to(dtype)).div_(norm * norm).mul_(-0.5)
+    grad_sq = grad_sq.masked_fill_(floored, 0.0)
     grad_sq_2s = grad_sq * (2.0 * scaling)
     grad_weight_a_t = B.T * grad_sq_2s
     grad_B_t = torch.sub(q, weight_a_t).mul_(grad_sq_2s)
@@ -444,7 +459,7 @@ def _frozen_matmul_grads(
 
 def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     """Gradients of ``x2d, lora_x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm``."""
-    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, sq, norm, q, scale, *buffers = (
+    x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, floored, norm, q, scale, *buffers = (
         ctx.saved_tensors
     )
     needs = ctx.needs_input_grad[:8]  # the tensor inputs of forward, in order
@@ -464,7 +479,7 @@ def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     else:
         with _one_thread(small.norm):
             grad_m, grad_sq, grad_B_t, grad_weight_a_t, gram_part = norm_backward(
-                grad_scale, q, weight_a_t, lora_B, magnitude, sq, norm, s, ctx.eps
+                grad_scale, q, weight_a_t, lora_B, magnitude, floored, norm, s
             )
             weight_a_t.copy_(grad_weight_a_t)
 
