@@ -232,6 +232,21 @@ def test_float16_scale_above_range_with_representable_output(kind, case):
         assert rel_err(got, ref) <= 2e-3  # float16's own rounding: u = 4.9e-4
 
 
+def test_float16_gradient_of_B_survives_a_large_scale():
+    """m/n ≈ 3e4 on a 1-wide float16 layer: the direction path's ``(g ⊙ m/n)ᵀ(A x)`` passes
+    65504 while the norm path's float32 term cancels it (with d_in = 1 the direction is ±1, so
+    the gradient of B is ~0): the sum must be formed before anything rounds to float16."""
+    torch.manual_seed(1)
+    layer = DoRALinear(1, 10, rank=10, alpha=16.0, bias=False, dtype=torch.float16, eps=1e-12)
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(3e-5)
+        layer.refresh_weight_norm()
+        layer.magnitude.fill_(1.0)
+        layer.lora_A.fill_(3.0)
+    layer(torch.full((1, 1), -1.93, dtype=torch.float16)).backward(torch.ones(1, 10).half())
+    assert_finite(layer)
+
+
 # --------------------------------------------------------------------------- empty inputs
 @pytest.mark.parametrize("path", ["no-grad", "autograd", "detached-norm", "lora"])
 def test_empty_input_like_nn_linear(path):

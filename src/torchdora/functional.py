@@ -494,8 +494,8 @@ def _dora_linear_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     # The low-rank branch, as in LoRA, plus the parts through the norm.
     grad_low = (grad_direction @ B).mul_(s)
     grad_A = grad_B = None
-    if need_B:
-        grad_B = (grad_direction.T @ low_rank).mul_(s)
+    if need_B:  # (g ⊙ m/n)ᵀ(A x) as m/n ⊙ gᵀ(A x): m/n in float32 cannot overflow float16 here
+        grad_B = torch.mul(grad_out.T @ low_rank, scale.unsqueeze(1)).mul_(s)
         if grad_B_t is not None:
             grad_B = torch.add(grad_B, grad_B_t.T)  # float32 like the norm; keeps B's layout
     if need_A:
