@@ -258,7 +258,7 @@ def test_small_parts_run_on_one_thread_and_restore_the_count(
     """DoRA's own small parts (the d_out × r norm, the rescale pass) run on one thread unless
     they are big, and the thread count the user set is back afterwards, also after a raise."""
     seen = {}
-    for name in ("norm_forward", "norm_backward", "_rescale"):
+    for name in ("norm_forward", "norm_backward", "rescale"):
         original = getattr(DF, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -275,7 +275,7 @@ def test_small_parts_run_on_one_thread_and_restore_the_count(
         assert seen == {
             "norm_forward": [norm_threads],
             "norm_backward": [norm_threads],
-            "_rescale": [rescale_threads],
+            "rescale": [rescale_threads],
         }
         assert torch.get_num_threads() == 2
 

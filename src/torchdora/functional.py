@@ -216,7 +216,7 @@ def _dora_linear_autograd(
         norm = norm.detach()
     scale = (magnitude.to(norm.dtype) / norm).to(scale_dtype(x2d.dtype))
     direction = add_lora(base, x2d if lora_x is None else lora_x, lora_A, lora_B, scaling)
-    return _rescale(direction, scale, bias)
+    return rescale(direction, scale, bias)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -352,7 +352,7 @@ class DoRALinearFunction(torch.autograd.Function):
             )
             scale = scale.to(scale_dtype(dtype))
         with _one_thread(small.passes):
-            out = _rescale(buffer[:tokens], scale, bias)
+            out = rescale(buffer[:tokens], scale, bias)
         saved = (x2d, lora_x, weight, lora_A, lora_B, magnitude, low_rank, floored, norm, q, scale)
         # Stacked, Pᵀ is the buffer's last rows: saving it apart would let a saved-tensor hook
         # (offloading) unpack two copies, and the backward writes ∂L/∂Pᵀ through that view.
@@ -624,11 +624,15 @@ class LoRALinearFunction(torch.autograd.Function):
             )
 
 
-def _rescale(direction: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """``direction ⊙ scale + bias`` in ``direction``'s dtype (see :func:`scale_dtype`)."""
+def rescale(direction: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``direction ⊙ scale + bias`` in ``direction``'s dtype, ``scale`` and ``bias`` broadcast
+    against it; float16 is multiplied in float32 and rounded once (see :func:`scale_dtype`)."""
     dtype = direction.dtype
     scale = scale.to(scale_dtype(dtype))
-    out = direction * scale if bias is None else torch.addcmul(bias.to(dtype), direction, scale)
+    if bias is None:
+        out = direction * scale
+    else:
+        out = torch.addcmul(bias.to(scale.dtype), direction, scale)
     return out if out.dtype == dtype else out.to(dtype)
 
 

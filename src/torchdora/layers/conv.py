@@ -75,8 +75,5 @@ class DoRAConv(DoRALayer):
             return base(x) + self.scaling * low_rank
         channel_view = (-1,) + (1,) * (self.base_weight.dim() - 2)  # broadcast over spatial dims
         direction = base._conv_forward(x, self.base_weight, None) + self.scaling * low_rank
-        scale = self.magnitude_scale().to(DF.scale_dtype(direction.dtype)).view(channel_view)
-        out = (direction * scale).to(direction.dtype)
-        if base.bias is not None:
-            out = out + base.bias.to(out.dtype).view(channel_view)
-        return out
+        bias = None if base.bias is None else base.bias.view(channel_view)
+        return DF.rescale(direction, self.magnitude_scale().view(channel_view), bias)

@@ -77,5 +77,4 @@ class DoRAEmbedding(DoRALayer):
         direction = result + self.scaling * low_rank
         if not self.use_dora:
             return direction
-        scale = self.magnitude_scale().to(DF.scale_dtype(direction.dtype))
-        return (direction * scale).to(direction.dtype)
+        return DF.rescale(direction, self.magnitude_scale())

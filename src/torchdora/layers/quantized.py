@@ -150,14 +150,11 @@ class QuantizedDoRALinear(DoRALayer):
         else:
             biased, scale = self._base(x2d), self.inference_scale()
         direction = DF.add_lora(biased, lora_x, self.lora_A, self.lora_B, self.scaling)
-        dtype = direction.dtype
-        scale = scale.to(DF.scale_dtype(dtype))
-        if self.bias is None:
-            out = direction * scale
-        else:  # (W x + b + sBAx)·scale + b·(1 - scale): the base's bias stays in, one pass fewer.
-            bias = self.bias.to(dtype)
-            out = torch.addcmul(bias - bias * scale, direction, scale)
-        return out.to(dtype).reshape(*lead, self.out_features)
+        scale = scale.to(DF.scale_dtype(direction.dtype))
+        # (W x + b + sBAx)·scale + b·(1 - scale): the base's bias stays in, one pass fewer.
+        bias = None if self.bias is None else self.bias.to(scale.dtype)
+        out = DF.rescale(direction, scale, None if bias is None else bias - bias * scale)
+        return out.reshape(*lead, self.out_features)
 
     def _base(self, x: Tensor) -> Tensor:
         """The quantized base on ``x``, in ``x``'s dtype whatever the library computes in."""
