@@ -171,6 +171,38 @@ def test_ddp_gradients_equal_single_process_on_the_global_batch(tmp_path):
     run_on_ranks(_ddp_gradients, tmp_path)
 
 
+def _trainer_stops_together(rank: int, folder: Path) -> None:
+    import signal
+
+    from test_train_loop import make_examples, make_model, quiet_args
+
+    from torchdora.train import Trainer, model_loss, read_trainer_state
+    from torchdora.train.trainer import TrainingInterrupted
+
+    calls = 0
+
+    def loss_with_a_signal(model: nn.Module, batch) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if rank == 1 and calls == 2:  # in step 2, on the rank that does not write
+            os.kill(os.getpid(), signal.SIGTERM)
+        return model_loss(model, batch)
+
+    args = quiet_args(train_batch_size=2, max_steps=5, checkpoint_dir=str(folder / "ckpt"))
+    trainer = Trainer(make_model(), args, make_examples(20), compute_loss=loss_with_a_signal)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train()
+    assert trainer.step == 2, f"rank {rank} stopped after step {trainer.step}"
+    assert stopped.value.signum == signal.SIGTERM
+    assert stopped.value.checkpoint == folder / "ckpt"
+    dist.barrier()  # rank 0 has written the checkpoint of step 2
+    assert read_trainer_state(folder / "ckpt")["step"] == 2
+
+
+def test_ddp_trainer_stops_every_rank_after_the_step_one_rank_was_signalled(tmp_path):
+    run_on_ranks(_trainer_stops_together, tmp_path)
+
+
 # ----------------------------------------------------------------------- FSDP2
 def _fsdp_training_matches(rank: int) -> None:
     model = build()

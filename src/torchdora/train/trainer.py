@@ -190,10 +190,13 @@ class Trainer:
         ]
 
     def accumulate_gradients(self, micro_batches: Sequence[Batch]) -> Tensor:
-        """Forward and backward over ``micro_batches`` into ``.grad``; returns the mean loss.
+        """Forward and backward over ``micro_batches`` into ``.grad``; returns this rank's share
+        of the mean loss (the mean loss itself in one process).
 
         The gradients are those of the mean loss over all items of all micro-batches (of every
         rank: DDP averages the ranks' gradients, so each weighs its items by ``world_size``).
+        The shares of all ranks sum to the mean loss; :meth:`train` adds them up together with
+        its other per-step sums, in one collective.
         """
         counts = [self.count_items(batch) for batch in micro_batches]
         (total,) = all_reduce_sum(sum(counts))
@@ -206,8 +209,6 @@ class Trainer:
                     loss = self.compute_loss(self.model_wrapped, to_device(batch, self.device))
                 self.scaler.scale(loss * (count * self.world_size / total)).backward()
             loss_sum += loss.detach().float() * count
-        if self.world_size > 1:
-            loss_sum = torch.tensor(all_reduce_sum(loss_sum.item())[0])
         return loss_sum / total
 
     def optimizer_step(self) -> Tensor:
@@ -262,7 +263,7 @@ class Trainer:
         )
         self.model.train()
         start = time.perf_counter()
-        window_losses: list[Tensor] = []
+        window_losses: list[float] = []
         window_tokens = total_tokens = 0
         window_time = total_time = 0.0  # in training steps only, not evaluation or saving
         eval_metrics: dict[str, float] = {}
@@ -272,10 +273,15 @@ class Trainer:
             while self.step < self.num_training_steps:
                 step_start = time.perf_counter()
                 batches = self.micro_batches(self.step)
-                window_losses.append(self.accumulate_gradients(batches))
+                loss_share = self.accumulate_gradients(batches)
                 grad_norm = self.optimizer_step()
                 step_time = time.perf_counter() - step_start
-                tokens = int(all_reduce_sum(sum(count_tokens(b) for b in batches))[0])
+                loss, tokens, stops = all_reduce_sum(  # the step's one collective of its own
+                    loss_share.item(),
+                    sum(count_tokens(b) for b in batches),
+                    self._stop_signal is not None,
+                )
+                window_losses.append(loss)
                 window_tokens, total_tokens = window_tokens + tokens, total_tokens + tokens
                 window_time, total_time = window_time + step_time, total_time + step_time
                 self.step += 1
@@ -286,7 +292,7 @@ class Trainer:
                         {
                             "step": self.step,
                             "epoch": round(self.step / self.steps_per_epoch, 4),
-                            "loss": torch.stack(window_losses).mean().item(),
+                            "loss": sum(window_losses) / len(window_losses),
                             "lr": self.optimizer.param_groups[0]["lr"],
                             "grad_norm": float(grad_norm),
                             "tokens_per_s": window_tokens / window_time,
@@ -298,7 +304,7 @@ class Trainer:
                 if self.args.checkpoint_dir and (last or self._due(self.args.save_steps)):
                     self.save_checkpoint(self.args.checkpoint_dir)
                     saved_step = self.step
-                if self._stop_requested():
+                if self._stop_requested(stops > 0):
                     self._stop(saved_step)
         finally:
             restore_signal_handlers()
@@ -369,14 +375,13 @@ class Trainer:
 
         return restore
 
-    def _stop_requested(self) -> bool:
-        """Whether a stop signal arrived, on any rank (they must stop after the same step)."""
-        if self.world_size > 1:
-            (stopping,) = all_reduce_sum(self._stop_signal is not None)
-            if stopping and self._stop_signal is None:
-                self._stop_signal = signal.SIGTERM  # another rank's signal, e.g. from torchrun
-            return bool(stopping)
-        return self._stop_signal is not None
+    def _stop_requested(self, any_rank_stopping: bool) -> bool:
+        """Whether to stop after this step. ``any_rank_stopping`` is whether any rank had a
+        stop signal when the step's sums were reduced: the ranks must stop after the same step,
+        so a signal arriving later counts at the next step, except in a single process."""
+        if any_rank_stopping and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another rank's signal, e.g. from torchrun
+        return any_rank_stopping or (self.world_size == 1 and self._stop_signal is not None)
 
     def _stop(self, saved_step: int | None) -> None:
         """Checkpoint the last completed step (unless just done) and raise
