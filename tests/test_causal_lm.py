@@ -329,6 +329,66 @@ def test_generate_merged_equals_unmerged(tiny, trained, capsys):
     assert capsys.readouterr().out != unmerged  # the adapter does change the answer
 
 
+def adapted_layers(tiny) -> list[str]:
+    """What ``--targets all-linear`` adapts, found independently: every Linear but the head."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny / "model")
+    linears = (n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear))
+    return sorted(n for n in linears if n != "lm_head")
+
+
+def test_run_records_decomposition_at_every_log_step_for_analyze(tiny, trained, tmp_path, capsys):
+    from torchdora.analysis import read_decomposition
+
+    records = read_decomposition(trained / "decomposition.jsonl")
+    metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    log_steps = [r["step"] for r in metrics if "loss" in r]
+    assert log_steps[-1] == 30
+    assert [r["step"] for r in records] == [0, *log_steps]
+    layers = adapted_layers(tiny)
+    assert len(layers) == 14  # q, k, v, o, gate, up, down × 2 blocks
+    assert all(sorted(r["layers"]) == layers and r["method"] == "DoRA" for r in records)
+    first, last = records[0]["layers"], records[-1]["layers"]
+    assert all(abs(first[n]["delta_m"]) < 1e-5 and first[n]["delta_d"] < 1e-5 for n in layers)
+    assert all(last[n]["delta_d"] > 1e-4 for n in layers)  # trained: every direction moved
+    assert main(["analyze", str(trained), "--out", str(tmp_path)]) == 0
+    assert "DoRA: corr(ΔD, ΔM)" in capsys.readouterr().out
+    assert (tmp_path / "decomposition.png").is_file()
+
+
+def test_full_finetune_records_the_decomposition_of_its_targets(tiny, tmp_path):
+    out = tmp_path / "full"
+    assert run(tiny, out, "--method", "full", "--max-steps", "2") == 0
+    lines = (out / "decomposition.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [0, 2]
+    assert all(r["method"] == "FT" and sorted(r["layers"]) == adapted_layers(tiny) for r in records)
+
+
+def test_qdora_run_keeps_the_head_in_full_precision_and_merges_to_plain_weights(
+    tiny, tmp_path, capsys
+):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qdora"
+    assert run(tiny, out, "--quantize", "bnb-nf4", "--max-steps", "2") == 0
+    printed = capsys.readouterr().out
+    assert "quantized 14 Linear layers with bnb-nf4 (QDoRA); kept in full precision: lm_head" in (
+        printed
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and len(metrics["samples"]) == 3  # greedy answers, 4-bit base
+    # The merged export is a plain float model that transformers alone loads; the head is the
+    # base's, bit for bit (never quantized), the quantized and adapted layers are not.
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
+    assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny / "model")
+    assert torch.equal(merged.lm_head.weight, base.lm_head.weight)
+    query = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[query], base.state_dict()[query])
+    assert main(["generate", "--model", str(out / "merged"), "what colour is the red cat?"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -4,7 +4,9 @@
 tokens only), reports held-out loss and perplexity and a few greedy answers to held-out
 prompts before and after, and writes the run folder: ``adapter/`` (PEFT format),
 ``merged/`` (model and tokenizer, loadable by ``transformers`` alone), ``config.json``,
-``metrics.json`` and ``metrics.jsonl``.
+``metrics.json``, ``metrics.jsonl`` and ``decomposition.jsonl`` (ΔM/ΔD per layer at each log
+step, for ``torchdora analyze``). With ``quantize`` (QDoRA) every Linear but the output head
+is quantized before the adapters are added.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from torchdora.finetune import (
     FinetuneConfig,
+    adapt_model,
+    decomposition_callbacks,
     describe_run,
+    quantize_base,
     run_folder,
     run_statistics,
-    unfreeze_targets,
     write_run,
 )
 from torchdora.generate import generate_reply
-from torchdora.model import apply_dora, count_trainable_parameters
+from torchdora.model import count_trainable_parameters
+from torchdora.model.targeting import output_head_names
 from torchdora.train import Trainer, pad_collate, set_seed
 from torchdora.train.causal_lm import (
     SMOLLM2,
@@ -49,8 +54,6 @@ def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) ->
     Unusable data or model raise ``ValueError`` subclasses before the output folder is
     written to.
     """
-    if config.quantize:
-        raise ValueError("--quantize is not supported with --task causal-lm yet")
     if config.resume and not Path(config.resume).is_dir():
         raise ValueError(f"--resume: checkpoint folder {config.resume} does not exist")
     conversations = (
@@ -63,10 +66,9 @@ def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) ->
     model, tokenizer = load_causal_lm(config.model)
     train_examples = tokenize_conversations(tokenizer, train_data, config.max_length)
     test_examples = tokenize_conversations(tokenizer, test_data, config.max_length)
-    if config.method == "full":
-        unfreeze_targets(model, config.dora_config(head=None))
-    else:
-        apply_dora(model, config.dora_config(head=None))
+    # The output head stays in full precision, as in QLoRA: often it is the input embedding.
+    quantize_base(model, config, keep=sorted(output_head_names(model)), log=log)
+    analysed = adapt_model(model, config, head=None)
     output = run_folder(config)
     trainable, total = count_trainable_parameters(model)
     log(
@@ -85,7 +87,16 @@ def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) ->
     before = evaluate(model)
     log(_loss_line("before", before))
     answers_before = answer(model)
-    trainer = Trainer(model, args, train_examples, data_collator=collate, eval_fn=evaluate)
+    trainer = Trainer(
+        model,
+        args,
+        train_examples,
+        data_collator=collate,
+        eval_fn=evaluate,
+        callbacks=decomposition_callbacks(
+            model, output, analysed, resuming=config.resume is not None
+        ),
+    )
     summary = trainer.train(resume_from_checkpoint=config.resume)
     log(
         _loss_line("after ", summary) + f" — {summary['step']} steps, "

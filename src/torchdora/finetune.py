@@ -17,11 +17,11 @@ import json
 import os
 import resource
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchdora.analysis import DECOMPOSITION_FILE, DecompositionTracker
 from torchdora.config import DoRAConfig
@@ -44,6 +44,9 @@ from torchdora.train import (
     tokenize_classification,
     train_test_split,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 #: ``full`` trains the weights of the modules the adapters would target (the baseline of the
 #: paper's analysis); ``dora-frozen-magnitude`` keeps DoRA's magnitude at its initial norms.
@@ -244,6 +247,53 @@ def head_modules(model) -> list[str]:
     return [name for name in HEAD_NAMES if hasattr(model, name)]
 
 
+def quantize_base(
+    model: nn.Module, config: FinetuneConfig, keep: Iterable[str], log: Callable[[str], None]
+) -> None:
+    """QDoRA: quantize every Linear of ``model`` but the modules in ``keep`` (and those inside
+    them) with ``config.quantize``, in place; nothing without it. Call before adapting."""
+    if config.quantize is None:
+        return
+    keep = tuple(keep)
+    quantized = quantize_model(model, config.quantize, exclude=keep)
+    kept = f"; kept in full precision: {', '.join(keep)}" if keep else ""
+    log(f"quantized {len(quantized)} Linear layers with {config.quantize} (QDoRA){kept}")
+
+
+def adapt_model(
+    model: nn.Module, config: FinetuneConfig, head: list[str] | None
+) -> list[str] | None:
+    """Add ``config``'s adapters to ``model`` (``head`` trained in full), or for ``full``
+    unfreeze the modules they would adapt. Returns the modules whose ΔM/ΔD to track: ``None``
+    for every DoRA/LoRA layer, the unfrozen targets' names for ``full``."""
+    if config.method == "full":
+        return unfreeze_targets(model, config.dora_config(head))
+    apply_dora(model, config.dora_config(head))
+    return None
+
+
+def decomposition_callbacks(
+    model: nn.Module, output: Path | None, modules: list[str] | None, *, resuming: bool
+) -> list[Callable[[dict[str, Any]], None]]:
+    """The :class:`~torchdora.train.Trainer` callbacks that append ΔM/ΔD of ``modules`` (see
+    :class:`~torchdora.analysis.DecompositionTracker`) to ``output/decomposition.jsonl`` at
+    every training log step, for ``torchdora analyze``; none without ``output``.
+
+    Call with the model as it starts training: the tracker snapshots its weights now. Step 0
+    is recorded unless ``resuming`` (the resumed run's file already holds it)."""
+    if output is None:
+        return []
+    tracker = DecompositionTracker(model, modules=modules, path=output / DECOMPOSITION_FILE)
+    if not resuming:
+        tracker(0, model)
+
+    def track(record: dict[str, Any]) -> None:
+        if "loss" in record:  # a training log record, not an evaluation
+            tracker(record["step"], model)
+
+    return [track]
+
+
 def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``config`` end to end; returns the results written to ``metrics.json``.
 
@@ -273,14 +323,8 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     set_seed(config.seed)  # the new head's and the adapters' initial values are part of the run
     model, tokenizer = load_sequence_classifier(model_dir, data.label_names)
     head = head_modules(model)
-    if config.quantize:
-        quantized = quantize_model(model, config.quantize, exclude=tuple(head))
-        log(f"quantized {len(quantized)} Linear layers with {config.quantize} (QDoRA)")
-    if config.method == "full":
-        analysed = unfreeze_targets(model, config.dora_config(head))
-    else:
-        apply_dora(model, config.dora_config(head))
-        analysed = None  # every DoRA/LoRA layer
+    quantize_base(model, config, keep=head, log=log)
+    analysed = adapt_model(model, config, head)
     output = run_folder(config)
     trainable, total = count_trainable_parameters(model)
     log(
@@ -301,19 +345,15 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     )
     before = evaluate(model)
     log(f"held-out accuracy before: {before['eval_accuracy']:.4f} (loss {before['eval_loss']:.4f})")
-    callbacks = []
-    if output is not None:  # ΔM/ΔD per layer at every log step, for `torchdora analyze`
-        tracker = DecompositionTracker(model, modules=analysed, path=output / DECOMPOSITION_FILE)
-        if config.resume is None:
-            tracker(0, model)
-
-        def track(record: dict[str, Any]) -> None:
-            if "loss" in record:  # a training log record, not an evaluation
-                tracker(record["step"], model)
-
-        callbacks.append(track)
     trainer = Trainer(
-        model, args, train_examples, data_collator=collate, eval_fn=evaluate, callbacks=callbacks
+        model,
+        args,
+        train_examples,
+        data_collator=collate,
+        eval_fn=evaluate,
+        callbacks=decomposition_callbacks(
+            model, output, analysed, resuming=config.resume is not None
+        ),
     )
     summary = trainer.train(resume_from_checkpoint=config.resume)
     log(
