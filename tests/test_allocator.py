@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -12,9 +13,10 @@ from torchdora import cli
 from torchdora.train import allocator
 
 # Five 16 MiB tensors alive at once and freed together, as a step's activations are. glibc's
-# default either maps blocks that size afresh each time (its dynamic mmap threshold is below
-# 16 MiB) or trims them off the heap top (80 MiB free is above its largest trim threshold,
-# 64 MiB), whatever the process allocated before.
+# default maps blocks that size afresh each time. Its mmap threshold is dynamic, though: it rises
+# to the size of the largest mapped block freed so far, and what imports free varies, so in some
+# processes 16 MiB blocks came from the heap and were kept anyway. The default case therefore
+# pins the threshold at glibc's starting value (128 KiB).
 STEPS = """
 import resource, sys, torch
 from torchdora.train import keep_freed_memory
@@ -32,8 +34,13 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 1
 
 
 def _faults_per_step(mode: str) -> tuple[str, float]:
+    env = dict(os.environ)
+    for name in allocator.ENVIRONMENT:
+        env.pop(name, None)
+    if mode == "default":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     out = subprocess.run(
-        [sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True, env=env
     ).stdout.split()
     return out[0], float(out[1])
 
