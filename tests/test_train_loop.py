@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchdora import DoRALinear
 from torchdora.train import (
@@ -275,6 +276,75 @@ def test_logs_metrics_and_evaluation(tmp_path, capsys):
     assert summary["eval_accuracy"] > before["eval_accuracy"]
     err = capsys.readouterr().err
     assert "step 10/72 | epoch" in err and "| loss " in err and "eval_accuracy" in err
+
+
+def test_logged_loss_is_the_mean_of_the_steps_since_the_last_record():
+    step_losses = []
+
+    def recording_loss(model, batch):
+        loss = model(**batch).loss
+        step_losses.append(loss.item())
+        return loss
+
+    records = []
+    args = quiet_args(train_batch_size=4, max_steps=7, logging_steps=3, learning_rate=1e-2)
+    Trainer(
+        make_model(),
+        args,
+        make_examples(40),
+        compute_loss=recording_loss,
+        callbacks=[records.append],
+    ).train()
+    assert [r["step"] for r in records] == [3, 6, 7]
+    windows = [step_losses[0:3], step_losses[3:6], step_losses[6:7]]
+    for record, window in zip(records, windows, strict=True):
+        assert record["loss"] == pytest.approx(sum(window) / len(window), rel=1e-6)
+
+
+class FloatReads(TorchDispatchMode):
+    """Counts reads of a floating-point tensor's value into Python (``.item()``, ``float()``):
+    on a GPU each one waits for the device to finish its queued work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_steps_do_not_wait_for_the_device_between_log_records():
+    def float_reads(steps: int) -> int:
+        model = make_model()
+        args = quiet_args(train_batch_size=4, max_steps=steps, logging_steps=steps)
+        sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        trainer = Trainer(model, args, make_examples(80), optimizer=sgd)
+        with FloatReads() as reads:
+            trainer.train()
+        return reads.count
+
+    assert float_reads(12) == float_reads(2)  # one log record each
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_time_includes_the_work_queued_on_the_gpu():
+    sleep_cycles = 200_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(sleep_cycles)
+    end.record()
+    torch.cuda.synchronize()
+    sleep_s = start.elapsed_time(end) / 1000
+
+    def slow_loss(model, batch):
+        torch.cuda._sleep(sleep_cycles)
+        return model(**batch).loss
+
+    args = quiet_args(device="cuda", train_batch_size=4, max_steps=4, logging_steps=4)
+    summary = Trainer(make_model(), args, make_examples(40), compute_loss=slow_loss).train()
+    assert summary["time_per_step_s"] >= 0.9 * sleep_s
 
 
 def test_evaluate_classification_against_direct_computation():

@@ -69,6 +69,24 @@ def model_loss(model: nn.Module, batch: Batch) -> Tensor:
     return model(**batch).loss
 
 
+class _LogWindow:
+    """The steps since the last log record: their losses are summed on the device, so a step
+    does not wait for the device to report its loss (in one process; DDP reduces each step's
+    loss with the stop flag anyway)."""
+
+    def __init__(self) -> None:
+        self.loss_sum: Tensor | float = 0.0
+        self.steps = self.tokens = 0
+        self.time = 0.0
+
+    def add(self, loss: Tensor | float, tokens: int) -> None:
+        self.loss_sum = self.loss_sum + loss
+        self.steps, self.tokens = self.steps + 1, self.tokens + int(tokens)
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / self.steps
+
+
 class Trainer:
     """Trains the parameters of ``model`` that have ``requires_grad``.
 
@@ -263,49 +281,54 @@ class Trainer:
         )
         self.model.train()
         start = time.perf_counter()
-        window_losses: list[float] = []
-        window_tokens = total_tokens = 0
-        window_time = total_time = 0.0  # in training steps only, not evaluation or saving
+        window = _LogWindow()
+        total_tokens, total_time = 0, 0.0  # in training steps only, not evaluation or saving
         eval_metrics: dict[str, float] = {}
         saved_step = None  # the step of the last checkpoint this call wrote
         restore_signal_handlers = self._catch_stop_signals()
+        resumed = time.perf_counter()  # training time runs from here to the next pause
         try:
             while self.step < self.num_training_steps:
-                step_start = time.perf_counter()
                 batches = self.micro_batches(self.step)
-                loss_share = self.accumulate_gradients(batches)
+                loss = self.accumulate_gradients(batches)
                 grad_norm = self.optimizer_step()
-                step_time = time.perf_counter() - step_start
-                loss, tokens, stops = all_reduce_sum(  # the step's one collective of its own
-                    loss_share.item(),
-                    sum(count_tokens(b) for b in batches),
-                    self._stop_signal is not None,
-                )
-                window_losses.append(loss)
-                window_tokens, total_tokens = window_tokens + tokens, total_tokens + tokens
-                window_time, total_time = window_time + step_time, total_time + step_time
+                tokens = sum(count_tokens(b) for b in batches)
+                stopping = self._stop_signal is not None
+                if self.world_size > 1:  # the step's one collective of its own
+                    loss, tokens, stops = all_reduce_sum(loss.item(), tokens, stopping)
+                    stopping = stops > 0
+                window.add(loss, tokens)
                 self.step += 1
                 self._progress.update()
                 last = self.step == self.num_training_steps
-                if self.step % self.args.logging_steps == 0 or last:
+                log = last or self._due(self.args.logging_steps)
+                evaluate = self.eval_fn is not None and (last or self._due(self.args.eval_steps))
+                save = bool(self.args.checkpoint_dir) and (last or self._due(self.args.save_steps))
+                if log or evaluate or save:  # training pauses: count its time up to here
+                    window.time += self._time_since(resumed)
+                if log:
                     self._emit(
                         {
                             "step": self.step,
                             "epoch": round(self.step / self.steps_per_epoch, 4),
-                            "loss": sum(window_losses) / len(window_losses),
+                            "loss": window.mean_loss(),
                             "lr": self.optimizer.param_groups[0]["lr"],
                             "grad_norm": float(grad_norm),
-                            "tokens_per_s": window_tokens / window_time,
+                            "tokens_per_s": window.tokens / window.time,
                         }
                     )
-                    window_losses, window_tokens, window_time = [], 0, 0.0
-                if self.eval_fn is not None and (last or self._due(self.args.eval_steps)):
+                    total_tokens += window.tokens
+                    total_time += window.time
+                    window = _LogWindow()
+                if evaluate:
                     eval_metrics = self.evaluate()
-                if self.args.checkpoint_dir and (last or self._due(self.args.save_steps)):
+                if save:
                     self.save_checkpoint(self.args.checkpoint_dir)
                     saved_step = self.step
-                if self._stop_requested(stops > 0):
+                if self._stop_requested(stopping):
                     self._stop(saved_step)
+                if log or evaluate or save:
+                    resumed = time.perf_counter()
         finally:
             restore_signal_handlers()
             self._progress.close()
@@ -442,6 +465,13 @@ class Trainer:
                 f"the checkpoint was saved by a run with other settings ({', '.join(changed)}); "
                 "resume with the settings it was saved with"
             )
+
+    def _time_since(self, resumed: float) -> float:
+        """Seconds from ``resumed`` until the device has finished the work queued so far
+        (CUDA runs ahead of Python: without the sync, only the kernels' launch is timed)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - resumed
 
     def _due(self, every: int | None) -> bool:
         return every is not None and self.step % every == 0
