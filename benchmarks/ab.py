@@ -57,14 +57,14 @@ def layer_steps(libraries: dict, tokens: int, in_features: int, out_features: in
     return steps
 
 
-def model_steps(libraries: dict, args):
+def model_steps(libraries: dict, args, device: torch.device):
     torch.manual_seed(0)
     base = model_step.base_model(args.model, args.layers)
-    inputs = model_step.batch(args.model, base)
+    inputs = model_step.batch(args.model, device)
     steps = {}
     for name, (lib, use_dora) in libraries.items():
         model_step.DoRAConfig, model_step.apply_dora = lib.DoRAConfig, lib.apply_dora
-        model = model_step.adapted(base, "dora" if use_dora else "lora", args)
+        model = model_step.adapted(base, "dora" if use_dora else "lora", args, device)
         steps[name] = model_step.make_step(model, inputs, optimizer=False)
     return steps
 
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     if args.layer:
         steps = layer_steps(libraries, *args.layer, args.rank)
     else:
-        steps = model_steps(libraries, args)
+        steps = model_steps(libraries, args, device)
     info = C.machine(device)
     print(f"# ab on {info}\n# {C.command_line()}", flush=True)
     times, rounds = C.interleaved(

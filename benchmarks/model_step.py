@@ -13,6 +13,7 @@ step unless ``--optimizer``), interleaved. Peak memory is measured per variant i
 
     .venv/bin/python benchmarks/model_step.py                  # both models
     .venv/bin/python benchmarks/model_step.py --models minilm --no-memory
+    .venv/bin/python benchmarks/model_step.py --device cuda --models llama   # GPU, CUDA events
 """
 
 from __future__ import annotations
@@ -54,16 +55,18 @@ def base_model(name: str, layers: int | None):
     return transformers.LlamaForCausalLM(config)
 
 
-def batch(name: str, model, seed: int = 0) -> dict:
+def batch(name: str, device: torch.device, seed: int = 0) -> dict:
     size, length = SHAPES[name]
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 20000, (size, length), generator=gen)
     if name == "minilm":
-        return {"input_ids": ids, "labels": torch.randint(0, 2, (size,), generator=gen)}
-    return {"input_ids": ids, "labels": ids}
+        inputs = {"input_ids": ids, "labels": torch.randint(0, 2, (size,), generator=gen)}
+    else:
+        inputs = {"input_ids": ids, "labels": ids}
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
-def adapted(base, variant: str, args):
+def adapted(base, variant: str, args, device: torch.device):
     model = copy.deepcopy(base)
     config = DoRAConfig(rank=args.rank, alpha=2.0 * args.rank, target_modules=args.targets)
     config.use_dora = variant == "dora"
@@ -73,7 +76,7 @@ def adapted(base, variant: str, args):
         for name, param in model.named_parameters():
             if name.endswith("lora_B"):
                 param.normal_(std=0.01)
-    return model.train()
+    return model.to(device).train()
 
 
 def trainable(model) -> int:
@@ -97,6 +100,7 @@ def make_step(model, inputs: dict, optimizer: bool):
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=C.csv(str), default=["minilm", "llama"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="LLaMA depth (default 30)")
@@ -118,6 +122,7 @@ def parse(argv=None) -> argparse.Namespace:
 def child_args(args, name: str) -> list[str]:
     targets = args.targets if isinstance(args.targets, str) else ",".join(args.targets)
     out = [f"--models={name}", f"--targets={targets}", f"--rank={args.rank}"]
+    out.append(f"--device={args.device}")
     out.append(f"--threads={args.threads}")
     if args.layers:
         out.append(f"--layers={args.layers}")
@@ -130,11 +135,11 @@ def child_args(args, name: str) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    device = C.setup("cpu", args.threads, keep_freed_memory=args.keep_freed_memory)
+    device = C.setup(args.device, args.threads, keep_freed_memory=args.keep_freed_memory)
     if args.memory_child:
         name = args.models[0]
-        model = adapted(base_model(name, args.layers), args.memory_child, args)
-        C.report_peak(C.peak_memory(make_step(model, batch(name, model), args.optimizer), device))
+        model = adapted(base_model(name, args.layers), args.memory_child, args, device)
+        C.report_peak(C.peak_memory(make_step(model, batch(name, device), args.optimizer), device))
         return {}
     info = C.machine(device)
     print(f"# model_step on {info}\n# {C.command_line()}", flush=True)
@@ -142,8 +147,8 @@ def main(argv=None) -> dict:
     for name in args.models:
         torch.manual_seed(0)
         base = base_model(name, args.layers)
-        models = {v: adapted(base, v, args) for v in VARIANTS}
-        inputs = batch(name, base)
+        models = {v: adapted(base, v, args, device) for v in VARIANTS}
+        inputs = batch(name, device)
         steps = {v: make_step(m, inputs, args.optimizer) for v, m in models.items()}
         counts = {
             v: sum(p.numel() for p in m.parameters() if p.requires_grad) for v, m in models.items()

@@ -142,7 +142,7 @@ def assert_matches_reference(layer, x, naive, dtype, detach_norm=False):
     """Forward and every gradient within ``TOL[dtype]`` of the float64 reference."""
     with torch.no_grad():
         out_shape = layer(x).shape
-    grad_out = torch.randn(out_shape, dtype=torch.float64)
+    grad_out = torch.randn(out_shape, dtype=torch.float64, device=x.device)
     ref_out, ref = reference(layer, x, naive, grad_out, detach_norm)
     out, got = ours(layer, x, grad_out)
     assert out.dtype == dtype

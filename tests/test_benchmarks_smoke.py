@@ -79,6 +79,13 @@ def test_ab_against_a_baseline_checkout(tmp_path):
     assert proc.returncode == 2 and b"has no src/torchdora" in proc.stderr
 
 
+def test_model_step_on_a_one_layer_llama(tmp_path):
+    args = ["--models=llama", "--layers=1", "--reps=2", "--warmup=1", "--no-memory"]
+    result = run("model_step.py", *args, tmp_path=tmp_path)["results"][0]
+    assert result["adapted_layers"] == 7  # q, k, v, o, gate, up, down
+    assert set(result["median_s"]) == {"lora", "dora"}
+
+
 def test_thread_rule(tmp_path):
     payload = run("thread_rule.py", *TINY, tmp_path=tmp_path)
     assert [r["part"] for r in payload["results"]] == ["norm", "weight_a", "passes"]
@@ -89,11 +96,16 @@ def test_cuda_path_skips_cleanly_without_cuda(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("CUDA is available: the GPU path runs for real in benchmarks, not here")
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "layer_step.py"), *TINY, "--device=cuda"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0
-    assert "CUDA is not available" in proc.stdout
+    for script, args in [
+        ("layer_step.py", TINY),
+        ("inference.py", TINY),
+        ("model_step.py", ["--models=llama"]),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, str(BENCHMARKS / script), *args, "--device=cuda"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, script
+        assert "CUDA is not available" in proc.stdout, script

@@ -89,6 +89,7 @@ class LayerCase:
     b_std: float  # std of B: 0 is the init, large values give ‖sBA‖ ≫ ‖W‖
     train_bias: bool
     train_base: bool
+    device: str = "cpu"  # the layer and input are built on the CPU, then moved here
 
     def make(self) -> tuple[nn.Module, torch.Tensor, Callable]:
         """``(layer, x, naive)``: the layer in eval mode (dropout off) and its reference."""
@@ -112,6 +113,7 @@ class LayerCase:
             x = torch.randint(0, self.geometry["num_embeddings"], self.input_shape)
         else:
             x = torch.randn(self.input_shape, dtype=torch.float64).to(self.dtype)
+        layer, x = layer.to(self.device), x.to(self.device)
         naive = {
             "linear": lambda _: naive_dora_linear,
             "conv": naive_conv,
@@ -278,7 +280,7 @@ def check_forward_and_gradients(case: LayerCase) -> None:
     detach = case.options["detach_norm"]
     with torch.no_grad():
         cached = layer(x)  # the no-grad path (cached m/n) first
-    grad_out = torch.randn(cached.shape, dtype=torch.float64)
+    grad_out = torch.randn(cached.shape, dtype=torch.float64, device=cached.device)
     ref_out, ref_grads = reference(layer, x, naive, grad_out, detach)
     _, ref_detached = reference(layer, x, naive, grad_out, detach_norm=True)
     low = yardstick_dtype(case.dtype)
@@ -342,6 +344,7 @@ class ModelCase:
     config: dict  # DoRAConfig arguments
     seed: int
     perturbation: float  # std of B (and of the modules-to-save updates)
+    device: str = "cpu"  # the model and inputs are built on the CPU, then moved here
 
 
 @st.composite
@@ -387,10 +390,10 @@ def adapted_model(case: ModelCase) -> tuple[nn.Module, dict]:
     torch.manual_seed(case.seed)
     perturb_adapters(model, std=case.perturbation)
     inputs = {
-        k: v.to(case.dtype) if v.is_floating_point() else v
+        k: (v.to(case.dtype) if v.is_floating_point() else v).to(case.device)
         for k, v in example_inputs(case.name).items()
     }
-    return model.to(case.dtype).eval(), inputs
+    return model.to(case.device, case.dtype).eval(), inputs
 
 
 def check_merge_and_unload(case: ModelCase) -> None:

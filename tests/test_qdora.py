@@ -42,10 +42,13 @@ def _one_openmp_thread():
     torch.set_num_threads(threads)
 
 
-def quantized(method: str, d_in: int = D_IN, d_out: int = D_OUT, dtype=torch.float32) -> nn.Module:
-    """A quantized Linear made by ``method`` from a random float Linear with a bias."""
+def quantized(
+    method: str, d_in: int = D_IN, d_out: int = D_OUT, dtype=torch.float32, device="cpu"
+) -> nn.Module:
+    """A quantized Linear made by ``method`` from a random float Linear (on ``device``) with a
+    bias."""
     pytest.importorskip(PACKAGE[method])
-    linear = nn.Linear(d_in, d_out, dtype=dtype)
+    linear = nn.Linear(d_in, d_out, dtype=dtype, device=device)
     with torch.no_grad():
         linear.bias.normal_()
     return quantize_linear(linear, method)
@@ -66,9 +69,11 @@ def library_dequantized(module: nn.Module) -> torch.Tensor:
     return weight.dequantize().double()
 
 
-def adapted(method: str, **kwargs) -> QuantizedDoRALinear:
-    """A QDoRA layer over ``method``'s base with random ``B`` and a magnitude away from its init."""
-    layer = QuantizedDoRALinear(quantized(method), rank=RANK, max_chunk_elements=CHUNK, **kwargs)
+def adapted(method: str, device="cpu", **kwargs) -> QuantizedDoRALinear:
+    """A QDoRA layer over ``method``'s base (quantized on ``device``) with random ``B`` and a
+    magnitude away from its init."""
+    base = quantized(method, device=device)
+    layer = QuantizedDoRALinear(base, rank=RANK, max_chunk_elements=CHUNK, **kwargs)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.3)
         if layer.magnitude is not None:
@@ -105,9 +110,15 @@ def ours(layer: QuantizedDoRALinear, x: torch.Tensor, grad_out: torch.Tensor):
 @pytest.mark.parametrize("detach_norm", [False, True])
 @pytest.mark.parametrize("method", QUANTIZATION_METHODS)
 def test_forward_and_gradients_match_dequantized_reference(method, detach_norm):
-    layer = adapted(method, detach_norm=detach_norm)
-    x = torch.randn(2, 5, D_IN)
-    grad_out = torch.randn(2, 5, D_OUT)
+    check_matches_dequantized_reference(adapted(method, detach_norm=detach_norm), detach_norm)
+
+
+def check_matches_dequantized_reference(layer: QuantizedDoRALinear, detach_norm=False) -> None:
+    """Forward, every gradient and the cached no-grad forward within ``TOL`` of the reference,
+    on the layer's device."""
+    device = layer.lora_A.device
+    x = torch.randn(2, 5, D_IN, device=device)
+    grad_out = torch.randn(2, 5, D_OUT, device=device)
     ref_out, ref = reference(layer, x, grad_out, detach_norm=detach_norm)
     out, got = ours(layer, x, grad_out)
     assert out.dtype == torch.float32
