@@ -272,7 +272,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write every sample and the machine here")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    full = args.shapes is None and args.tokens is None and args.ranks is None and not args.quick
     args.shapes = args.shapes or (
         [(4096, 4096)] if args.quick else [(1024, 1024), (4096, 4096), (8192, 2048), (2048, 8192)]
     )
@@ -280,7 +279,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.ranks = args.ranks or ([16] if args.quick else [8, 16, 64])
     args.dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16"])
     args.reps = args.reps or 10
-    args.full_grid = full
     unknown = set(args.variants) - set(VARIANTS)
     if unknown or ("lora" not in args.variants and not args.memory_child):
         p.error(f"--variants: choose from {VARIANTS}, including lora (got {args.variants})")
