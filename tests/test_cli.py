@@ -275,7 +275,7 @@ def test_torchrun_ddp_equals_one_process_on_the_global_batch(tiny, tmp_path):
         "--progress", "log",
     ]  # fmt: skip
     assert main([*settings, "--batch-size", "8", "--output", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torchrun = [

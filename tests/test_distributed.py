@@ -25,7 +25,7 @@ from torch import nn
 
 from reference import rel_err
 from torchdora import DoRAConfig, adapted_state_dict, apply_dora, dora_modules, initialize_magnitude
-from torchdora.distributed import copy_full_, full_tensor
+from torchdora.distributed import copy_full_, full_tensor, init_from_environment
 from torchdora.io import load_adapter, save_adapter, save_merged
 from torchdora.io.files import read_tensors
 
@@ -432,3 +432,24 @@ def test_adapter_files_move_between_one_and_two_processes(tmp_path):
     load_adapter(fresh, tmp_path / "two-processes")
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize(("local_rank", "gpus"), [(0, 1), (1, 1), (3, 2)])
+def test_torchrun_process_needs_a_gpu_of_its_own(monkeypatch, local_rank, gpus):
+    """Under torchrun with CUDA, process ``LOCAL_RANK`` takes that GPU and joins with NCCL; one
+    beyond the visible GPUs (``--nproc-per-node 2`` on one GPU) is refused in words before it
+    touches CUDA or the rendezvous."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    if local_rank < gpus:
+        assert init_from_environment()
+        assert calls == [local_rank, "nccl"]
+    else:
+        with pytest.raises(ValueError, match=f"--nproc-per-node {gpus}"):
+            init_from_environment()
+        assert calls == []

@@ -45,14 +45,22 @@ def init_from_environment() -> bool:
     With ``WORLD_SIZE`` > 1 in the environment (``torchrun`` sets it, with ``RANK``,
     ``LOCAL_RANK`` and the rendezvous address), initialise the default group: NCCL with this
     process on GPU ``LOCAL_RANK`` when CUDA is available, gloo otherwise. Returns whether a
-    group exists afterwards (``False`` in a plain single-process run).
+    group exists afterwards (``False`` in a plain single-process run). Raises ``ValueError``
+    when there are more processes on this machine than GPUs.
     """
     if is_initialized():
         return True
     if not launched_with_ranks():
         return False
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ValueError(
+                f"torchrun started a process for GPU {local_rank} (LOCAL_RANK) but this machine "
+                f"has {gpus} visible GPU(s): start one process per GPU (--nproc-per-node "
+                f"{gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPUs with gloo"
+            )
+        torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
