@@ -304,7 +304,8 @@ class Trainer:
                 log = last or self._due(self.args.logging_steps)
                 evaluate = self.eval_fn is not None and (last or self._due(self.args.eval_steps))
                 save = bool(self.args.checkpoint_dir) and (last or self._due(self.args.save_steps))
-                if log or evaluate or save:  # training pauses: count its time up to here
+                paused = log or evaluate or save
+                if paused:  # count the training time up to here
                     window.time += self._time_since(resumed)
                 if log:
                     self._emit(
@@ -327,7 +328,7 @@ class Trainer:
                     saved_step = self.step
                 if self._stop_requested(stopping):
                     self._stop(saved_step)
-                if log or evaluate or save:
+                if paused:
                     resumed = time.perf_counter()
         finally:
             restore_signal_handlers()
