@@ -31,7 +31,13 @@ CASES = {
     "gpt2-conv1d": ("gpt2", {"target_modules": ["c_attn", "c_fc"]}),
     "cnn-conv2d": ("cnn", {"target_modules": ["conv1", "conv3", "fc"], "rank": 4}),
     "llama-embedding": ("llama", {"target_modules": ["embed_tokens", "o_proj"], "rank": 4}),
+    "bert-bias-dora-only": ("bert", {"target_modules": ["query", "value"], "bias": "dora_only"}),
+    "bert-bias-all": (
+        "bert",
+        {"target_modules": ["query", "value"], "bias": "all", "modules_to_save": ["classifier"]},
+    ),
 }
+PEFT_BIAS = {"none": "none", "dora_only": "lora_only", "all": "all"}
 
 
 def trained(name: str, steps: int = 3, **config) -> torch.nn.Module:
@@ -66,6 +72,7 @@ def test_we_load_peft_adapter_with_same_outputs(case, tmp_path):
         lora_alpha=16,
         target_modules=config["target_modules"],
         modules_to_save=config.get("modules_to_save"),
+        bias=PEFT_BIAS[config.get("bias", "none")],
         use_dora=True,
         init_lora_weights=False,  # non-zero B: outputs differ from the base
     )
@@ -117,6 +124,44 @@ def test_load_into_model_that_already_has_adapters(tmp_path):
     inputs = example_inputs("llama")
     with torch.no_grad():
         assert torch.equal(output(target.eval(), inputs), output(model, inputs))
+
+
+def test_peft_sequence_classification_adapter(tmp_path):
+    """PEFT lists ``modules_to_save: ["classifier", "score"]`` for every SEQ_CLS adapter and
+    ignores the entry a model lacks; a rank_pattern key for no adapted module is ignored too."""
+    config = peft.LoraConfig(
+        task_type=peft.TaskType.SEQ_CLS,
+        r=4,
+        target_modules=["query", "value"],
+        rank_pattern={"key": 2},
+        use_dora=True,
+        init_lora_weights=False,
+    )
+    theirs = peft.get_peft_model(build("bert"), config).eval()
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].bias.add_(1.0)
+    theirs.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == [
+        "classifier",
+        "score",
+    ]
+    ours = load_adapter(build("bert"), tmp_path).eval()
+    inputs = example_inputs("bert")
+    with torch.no_grad():
+        assert rel_err(output(ours, inputs), output(theirs, inputs)) <= 1e-5
+
+
+def test_frozen_magnitude_stays_frozen(tmp_path):
+    model = apply_dora(
+        build("llama"), DoRAConfig(target_modules=["q_proj"], magnitude_trainable=False)
+    )
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(build("llama"), tmp_path)
+    assert torchdora.count_trainable_parameters(loaded) == torchdora.count_trainable_parameters(
+        model
+    )
+    assert all(not layer.magnitude.requires_grad for _, layer in torchdora.dora_modules(loaded))
+    assert peft.PeftModel.from_pretrained(build("llama"), tmp_path) is not None  # PEFT still loads
 
 
 def test_half_precision_adapter_into_float32_model(tmp_path):
@@ -252,6 +297,39 @@ def test_rank_mismatch_with_existing_adapters(saved):
     model = apply_dora(build("llama"), DoRAConfig(target_modules=["q_proj", "v_proj"], rank=8))
     with pytest.raises(AdapterFileError, match="rank mismatch"):
         load_adapter(model, saved)
+
+
+def test_other_scaling_than_existing_adapters_is_refused(saved):
+    config = DoRAConfig(target_modules=["q_proj", "v_proj"], rank=4, alpha=4)
+    model = apply_dora(build("llama"), config)
+    before = peft_state_dict(model)
+    with pytest.raises(AdapterFileError, match=r"q_proj: DoRA, alpha 4 here, DoRA, alpha 16 in"):
+        load_adapter(model, saved)
+    _edit_config(saved, use_rslora=True, lora_alpha=4)
+    _edit_tensors(saved, lambda t: None)  # as PEFT writes it: no config copy in the metadata
+    with pytest.raises(AdapterFileError, match=r"alpha 4 here, DoRA, alpha 4, rsLoRA in the file"):
+        load_adapter(model, saved)
+    assert all(torch.equal(v, before[k]) for k, v in peft_state_dict(model).items())
+
+
+@pytest.mark.parametrize(
+    "option, value", [("lora_bias", True), ("use_qalora", True), ("layer_replication", [[0, 1]])]
+)
+def test_peft_options_torchdora_lacks_are_refused(saved, option, value):
+    _edit_config(saved, **{option: value})
+    _edit_tensors(saved, lambda t: None)  # as PEFT writes it: no config copy in the metadata
+    with pytest.raises(AdapterFileError, match=f"sets {option}=.*does not implement"):
+        load_adapter(build("llama"), saved)
+
+
+@pytest.mark.parametrize("setting", [{"use_rslora": True}, {"use_dora": False}, {"dropout": 0.1}])
+def test_save_refuses_layers_with_settings_peft_holds_once(tmp_path, setting):
+    model = apply_dora(build("llama"), DoRAConfig(target_modules=["q_proj"]))
+    apply_dora(model, DoRAConfig(target_modules=["v_proj"], **setting))
+    key = {"dropout": "lora_dropout"}.get(*setting, *setting)
+    with pytest.raises(ValueError, match=f"holds one {key} .* these layers mix"):
+        save_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_keys_for_modules_the_model_lacks(saved):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
 
 import torchdora
+from torchdora.config import DoRAConfig
 from torchdora.distributed import has_sharded_parameters, is_main_process, unwrap_model
 from torchdora.io import files
 from torchdora.io.files import AdapterFileError
@@ -25,6 +26,10 @@ from torchdora.io.peft_format import (
 from torchdora.layers.base import DoRALayer
 from torchdora.model import ModulesToSaveWrapper, apply_dora, dora_modules, merge_and_unload
 from torchdora.quantization import dequantize_model
+
+MAGNITUDE_TRAINABLE = "torchdora_magnitude_trainable"
+"""Metadata key of the weights file: ``"false"`` when every magnitude was frozen
+(``DoRAConfig.magnitude_trainable=False``), so that :func:`load_adapter` freezes them again."""
 
 
 def save_adapter(
@@ -51,6 +56,9 @@ def save_adapter(
         "torchdora_version": torchdora.__version__,
         "torchdora_format": files.FORMAT_VERSION,
     }
+    magnitudes = [layer.magnitude for _, layer in dora_modules(model) if layer.use_dora]
+    if magnitudes and not any(m.requires_grad for m in magnitudes):
+        metadata[MAGNITUDE_TRAINABLE] = "false"  # PEFT's config has no such field
     return files.write_adapter_folder(path, config, tensors, metadata)
 
 
@@ -58,33 +66,58 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the adapter folder ``path`` (ours or PEFT's) into ``model``, in place.
 
     If ``model`` has no adapters yet, they are created first (``apply_dora`` with the settings
-    in ``adapter_config.json``, on the modules the file has tensors for). Raises
+    in ``adapter_config.json``, on the modules the file has tensors for); adapters it has
+    already must have the file's kind (DoRA/LoRA), alpha and rsLoRA setting. Raises
     :class:`AdapterFileError` with the reason when the folder cannot be used; the model is
-    then left as it was when it had adapters already.
+    then left as it was.
 
     Every rank reads the whole file; a model sharded with FSDP2 keeps each rank's shard of
     it (no communication), whatever world size the adapter was saved from. A
     ``DistributedDataParallel`` wrapper is looked through. Returns the ``model`` passed in.
     """
     wrapper, model = model, unwrap_model(model)
-    config, tensors, _ = files.read_adapter_folder(path)
-    if not any(True for _ in dora_modules(model)):
-        ranks = adapter_ranks(tensors)
-        if not ranks:
-            raise AdapterFileError(f"{Path(path) / files.WEIGHTS_NAME} holds no LoRA/DoRA tensors")
-        dora_config = dora_config_from_peft(config, ranks)
-        requires_grad = {p: p.requires_grad for p in model.parameters()}
-        try:
-            apply_dora(model, dora_config)
-            load_peft_state_dict(model, tensors)
-        except (TypeError, ValueError) as err:
-            _remove_adapters(model, requires_grad)
-            if isinstance(err, AdapterFileError):
-                raise
-            raise AdapterFileError(f"the adapter in {path} does not fit this model: {err}") from err
+    config, tensors, metadata = files.read_adapter_folder(path)
+    ranks = adapter_ranks(tensors)
+    if not ranks:
+        raise AdapterFileError(f"{Path(path) / files.WEIGHTS_NAME} holds no LoRA/DoRA tensors")
+    dora_config = dora_config_from_peft(config, ranks, model)
+    if any(True for _ in dora_modules(model)):
+        _check_same_settings(model, dora_config, path)
+        load_peft_state_dict(model, tensors)
         return wrapper
-    load_peft_state_dict(model, tensors)
+    if metadata.get(MAGNITUDE_TRAINABLE) == "false":
+        dora_config = replace(dora_config, magnitude_trainable=False)
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    try:
+        apply_dora(model, dora_config)
+        load_peft_state_dict(model, tensors)
+    except (TypeError, ValueError) as err:
+        _remove_adapters(model, requires_grad)
+        if isinstance(err, AdapterFileError):
+            raise
+        raise AdapterFileError(f"the adapter in {path} does not fit this model: {err}") from err
     return wrapper
+
+
+def _check_same_settings(model: nn.Module, config: DoRAConfig, path: str | os.PathLike) -> None:
+    """Adapter tensors loaded into existing layers must come from layers of the same kind and
+    scaling; otherwise the model would compute something the adapter was not trained for."""
+
+    def settings(use_dora: bool, alpha: float, use_rslora: bool) -> str:
+        return f"{'DoRA' if use_dora else 'LoRA'}, alpha {alpha:g}" + (", rsLoRA" * use_rslora)
+
+    wrong = []
+    for name, layer in dora_modules(model):
+        ours = settings(layer.use_dora, layer.alpha, layer.use_rslora)
+        theirs = settings(config.use_dora, float(config.alpha_for(name)), config.use_rslora)
+        if ours != theirs:
+            wrong.append(f"{name}: {ours} here, {theirs} in the file")
+    if wrong:
+        raise AdapterFileError(
+            f"the adapter in {path} was trained with other settings than this model's adapters "
+            f"({'; '.join(wrong[:3])}); load it into the model without adapters (load_adapter "
+            "then creates them from the file)"
+        )
 
 
 def _remove_adapters(model: nn.Module, requires_grad: dict[nn.Parameter, bool]) -> None:

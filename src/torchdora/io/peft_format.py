@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from torchdora.config import DoRAConfig
+from torchdora.config import DoRAConfig, pattern_matches
 from torchdora.distributed import copy_full_, full_tensor
 from torchdora.io.files import AdapterFileError
 from torchdora.layers.base import DoRALayer
@@ -32,6 +33,7 @@ from torchdora.layers.conv import DoRAConv
 from torchdora.layers.conv1d import DoRAConv1D
 from torchdora.layers.embedding import DoRAEmbedding
 from torchdora.model import ModulesToSaveWrapper, dora_modules
+from torchdora.model.targeting import candidate_modules, name_matches
 
 PREFIX = "base_model.model."
 # PEFT key suffix -> our parameter name
@@ -42,6 +44,7 @@ _SUFFIXES = {
     "lora_embedding_B": "lora_B",
     "lora_magnitude_vector": "magnitude",
 }
+_FACTORS = ("lora_A", "lora_B", "magnitude")  # a LoRA layer's magnitude is None
 _BIAS_MODES = {"none": "none", "all": "all", "dora_only": "lora_only"}
 
 
@@ -87,15 +90,15 @@ def _wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
 
 def _trained_extras(model: nn.Module) -> dict[str, Tensor]:
     """Trainable parameters that are neither adapter factors nor in a modules-to-save copy:
-    the biases ``DoRAConfig.bias`` unfroze."""
-    adapter_ids = {
-        id(p) for _, layer in dora_modules(model) for p in layer.adapter_parameters().values()
+    the biases ``DoRAConfig.bias`` unfroze (an adapted layer's as ``<p>.base_layer.bias``)."""
+    factor_ids = {
+        id(getattr(layer, param)) for _, layer in dora_modules(model) for param in _FACTORS
     }
     wrapped = tuple(f"{name}." for name in _wrappers(model))
     return {
         name: p
         for name, p in model.named_parameters()
-        if p.requires_grad and id(p) not in adapter_ids and not name.startswith(wrapped)
+        if p.requires_grad and id(p) not in factor_ids and not name.startswith(wrapped)
     }
 
 
@@ -122,6 +125,19 @@ def _most_common(values: dict[str, float]) -> float:
     return Counter(values.values()).most_common(1)[0][0]
 
 
+def _shared_setting(
+    layers: dict[str, DoRALayer], key: str, value_of: Callable[[DoRALayer], object]
+) -> object:
+    """The one value of ``key`` all ``layers`` share: PEFT's format holds one per adapter."""
+    values = {value_of(layer) for layer in layers.values()}
+    if len(values) > 1:
+        raise ValueError(
+            f"PEFT's format holds one {key} for all layers of an adapter; these layers mix "
+            f"{sorted(values)}"
+        )
+    return values.pop()
+
+
 def peft_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """``adapter_config.json`` contents describing the adapters actually in ``model``.
 
@@ -134,10 +150,6 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | None = None) ->
     ranks = {name: layer.rank for name, layer in layers.items()}
     alphas = {name: layer.alpha for name, layer in layers.items()}
     rank, alpha = _most_common(ranks), _most_common(alphas)
-    dropouts = {getattr(layer.lora_dropout, "p", 0.0) for layer in layers.values()}
-    if len(dropouts) > 1:
-        raise ValueError(f"PEFT's format holds one lora_dropout; the layers use {sorted(dropouts)}")
-    first = next(iter(layers.values()))
     extras = _trained_extras(model)
     adapted_biases = {f"{name}.base_layer.bias" for name in layers}
     bias = "none" if not extras else "dora_only" if set(extras) <= adapted_biases else "all"
@@ -147,14 +159,16 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | None = None) ->
         )
     return {
         "peft_type": "LORA",
-        "use_dora": first.use_dora,
+        "use_dora": _shared_setting(layers, "use_dora", lambda layer: layer.use_dora),
         "r": rank,
         "lora_alpha": alpha,
         "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
         "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
         "target_modules": sorted(layers),
-        "lora_dropout": dropouts.pop(),
-        "use_rslora": first.use_rslora,
+        "lora_dropout": _shared_setting(
+            layers, "lora_dropout", lambda layer: getattr(layer.lora_dropout, "p", 0.0)
+        ),
+        "use_rslora": _shared_setting(layers, "use_rslora", lambda layer: layer.use_rslora),
         "fan_in_fan_out": any(isinstance(layer, DoRAConv1D) for layer in layers.values()),
         "bias": _BIAS_MODES[bias],
         "modules_to_save": sorted(_wrappers(model)) or None,
@@ -177,19 +191,40 @@ def config_value(config: dict, key: str, kinds: type | tuple[type, ...], default
     return value
 
 
-def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
-    """The :class:`DoRAConfig` that recreates a PEFT adapter's layers on the modules of
-    ``ranks`` (module → rank of its tensors, see :func:`adapter_ranks`).
+_UNSUPPORTED_PEFT_OPTIONS = {
+    "lora_bias": "a trained bias on lora_B",
+    "use_qalora": "QA-LoRA's pooled input",
+    "alora_invocation_tokens": "activated LoRA (adapters switched on by invocation tokens)",
+    "layer_replication": "layers replicated in the base model",
+    "target_parameters": "adapters on bare nn.Parameters",
+    "trainable_token_indices": "trainable token embeddings",
+}
+"""PEFT options that change what a LoRA adapter computes, which torchdora does not implement:
+an adapter file that sets one is refused rather than loaded as something else."""
+
+
+def dora_config_from_peft(config: dict, ranks: dict[str, int], model: nn.Module) -> DoRAConfig:
+    """The :class:`DoRAConfig` that recreates a PEFT adapter's layers in ``model`` on the
+    modules of ``ranks`` (module → rank of its tensors, see :func:`adapter_ranks`).
 
     Targets come from the tensors actually in the file (robust to PEFT's other targeting
     options); ranks, alphas and the rest from the config. The config's rank of each module must
     be the rank of its tensors, so a damaged config cannot make the layers larger than the file.
+    As PEFT does, ``rank_pattern``/``alpha_pattern`` keys that select none of those modules
+    and ``modules_to_save`` entries that match no module of ``model`` are ignored (e.g.
+    ``"score"``, which PEFT lists for every sequence-classification adapter).
     """
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(
             f"adapter_config.json: peft_type is {config.get('peft_type')!r}; torchdora loads "
             "LoRA/DoRA adapters (peft_type 'LORA')"
         )
+    for option, what in _UNSUPPORTED_PEFT_OPTIONS.items():
+        if config.get(option):
+            raise AdapterFileError(
+                f"adapter_config.json sets {option}={config[option]!r} ({what}), a PEFT "
+                "feature torchdora does not implement"
+            )
     rank = config_value(config, "r", int, 8)
     alpha = config_value(config, "lora_alpha", (int, float), rank)
     bias = config_value(config, "bias", str, "none")
@@ -198,7 +233,12 @@ def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
         raise AdapterFileError(
             f"adapter_config.json: bias must be one of {sorted(modes)}, got {bias!r}"
         )
-    to_save = config_value(config, "modules_to_save", list)
+    names = [name for name, _ in candidate_modules(model)]
+    to_save = [  # entries that are no str stay, for DoRAConfig to refuse
+        entry
+        for entry in config_value(config, "modules_to_save", list) or []
+        if not isinstance(entry, str) or any(name_matches([entry], name) for name in names)
+    ]
     try:
         dora_config = DoRAConfig(
             rank=rank,
@@ -212,6 +252,11 @@ def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
             modules_to_save=to_save or None,
             bias=modes[bias],
         )
+        dora_config = replace(
+            dora_config,
+            rank_pattern=_patterns_in_use(dora_config.rank_pattern, ranks),
+            alpha_pattern=_patterns_in_use(dora_config.alpha_pattern, ranks),
+        )
     except (TypeError, ValueError) as err:
         raise AdapterFileError(f"adapter_config.json describes an unusable adapter: {err}") from err
     wrong = [
@@ -224,6 +269,15 @@ def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
             f"adapter_config.json does not match the tensors' ranks: {wrong[:5]}"
         )
     return dora_config
+
+
+def _patterns_in_use(patterns: dict, modules: dict[str, int]) -> dict:
+    """``patterns`` without those that select none of ``modules``."""
+    return {
+        pattern: value
+        for pattern, value in patterns.items()
+        if any(pattern_matches(pattern, name) for name in modules)
+    }
 
 
 def adapter_ranks(tensors: dict[str, Tensor]) -> dict[str, int]:
@@ -352,4 +406,6 @@ def _named_saved_tensors(model: nn.Module) -> dict[str, Tensor]:
     for name, wrapper in _wrappers(model).items():
         for key, tensor in wrapper.module_to_save.state_dict(keep_vars=True).items():
             named[f"{name}.{key}"] = tensor
+            # PEFT with bias="all" also writes each copy's bias under this name.
+            named[f"{name}.modules_to_save.{key}"] = tensor
     return named
