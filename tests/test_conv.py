@@ -74,6 +74,12 @@ def test_no_grad_forward_and_unbatched_input():
     assert rel_err(layer(single), ref) <= 1e-10
 
 
+def test_torch_compile_fullgraph_matches_reference():
+    layer, x = random_conv("2d-groups-same")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert_matches_reference(compiled, x, naive_conv(layer.base_layer), torch.float64)
+
+
 @pytest.mark.parametrize("name", ["1d-stride-pad", "2d-groups-same", "3d"])
 def test_lora_variant_matches_plain_lora(name):
     layer, x = random_conv(name, use_dora=False)
@@ -152,6 +158,16 @@ def test_half_precision_input():
     assert rel_err(out, ref) <= 3e-2
     out.float().sum().backward()
     assert layer.magnitude.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
+
+
+def test_bad_input_names_the_base_in_channels():
+    layer = DoRAConv(nn.Conv2d(4, 6, 3), rank=2)
+    with pytest.raises(ValueError, match=r"in_channels=4 .*got shape \(1, 5, 9, 9\)"):
+        layer(torch.randn(1, 5, 9, 9))
+    with pytest.raises(ValueError, match="2 spatial dims"):
+        layer(torch.randn(9, 9))
+    with pytest.raises(TypeError, match=r"computes in torch\.float32 .* torch\.float64"):
+        layer(torch.randn(1, 4, 9, 9, dtype=torch.float64))
 
 
 def test_bad_base():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from layer_kinds import assert_matches_reference
 from reference import naive_dora_linear, rel_err
 from torchdora import DoRALinear, LoRALinear, recommended_defaults
 
@@ -281,6 +285,43 @@ def test_cache_follows_optimizer_steps_in_no_grad_forward():
     _assert_matches_reference(layer, x)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
+@pytest.mark.parametrize("how", ["load_state_dict-assign", "param.data"])
+def test_cache_never_matches_a_new_weight_at_the_same_address(how, grad):
+    """A new base weight at the cached one's address and version is never a cache hit.
+
+    The allocator often hands a freed weight's memory to the next one (swapping checkpoints
+    with ``assign=True``); a staging buffer refilled for each checkpoint does so every time.
+    """
+    layer = random_layer(64, 64, 2)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    staging = np.empty((64, 64))
+
+    def load_base_weight(values: torch.Tensor) -> None:
+        staging[:] = values.numpy()
+        weight = torch.from_numpy(staging)  # a new tensor, version 0, at the same address
+        if how == "param.data":
+            layer.base_layer.weight.data = weight
+        else:
+            layer.load_state_dict({**layer.state_dict(), "base_layer.weight": weight}, assign=True)
+
+    def assert_matches_reference(layer: DoRALinear) -> None:
+        with torch.set_grad_enabled(grad):
+            out = layer(x)
+        with torch.no_grad():
+            ref = naive_dora_linear(
+                x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude,
+                layer.scaling,
+            )  # fmt: skip
+        assert rel_err(out, ref) <= 1e-10
+
+    load_base_weight(torch.randn(64, 64, dtype=torch.float64))
+    assert_matches_reference(layer)  # caches ‖W_i‖² (and, without autograd, m/n)
+    load_base_weight(torch.randn(64, 64, dtype=torch.float64))
+    assert_matches_reference(layer)
+    assert_matches_reference(copy.deepcopy(layer))  # the cache's weak references are not copied
+
+
 def test_refresh_after_edit_through_data():
     """`.data` edits bypass the version counter; refresh_weight_norm is the documented remedy."""
     layer = random_layer(8, 6, 2)
@@ -289,6 +330,18 @@ def test_refresh_after_edit_through_data():
     layer.base_layer.weight.data.mul_(2.0)
     layer.refresh_weight_norm()
     _assert_matches_reference(layer, x)
+
+
+def test_torch_compile_fullgraph_matches_reference_and_follows_the_weight():
+    """No graph break (the norm cache is bypassed while compiling), no stale norm either."""
+    layer = random_layer(8, 6, 2)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert_matches_reference(compiled, x, naive_dora_linear, torch.float64)  # no-grad, autograd
+    layer.zero_grad()
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(2.0)
+    assert_matches_reference(compiled, x, naive_dora_linear, torch.float64)
 
 
 # --------------------------------------------------------------------------- dropout, dtypes
@@ -409,6 +462,22 @@ def test_bad_hyperparameters(kwargs, error, match):
         DoRALinear(4, 4, **kwargs)
     with pytest.raises(error, match=match):
         DoRALinear.from_linear(nn.Linear(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
+def test_bad_input_is_named_alike_with_and_without_autograd(grad):
+    layer = DoRALinear(6, 5, 2)
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(TypeError, match=r"floating-point input, got torch\.int64"):
+            layer(torch.ones(3, 6, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"last dimension 6, got shape \(\)"):
+            layer(torch.tensor(1.0))
+        with pytest.raises(TypeError, match=r"in torch\.float32 .* input of dtype torch\.float64"):
+            layer(torch.randn(3, 6, dtype=torch.float64))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(torch.randn(3, 6, dtype=torch.float16)).dtype == torch.bfloat16
+            with pytest.raises(TypeError, match=r"input of dtype torch\.float64"):
+                layer(torch.randn(3, 6, dtype=torch.float64))  # autocast leaves it float64
 
 
 def test_bad_inputs():

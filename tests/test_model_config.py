@@ -272,6 +272,11 @@ def test_unknown_architecture_needs_target_modules():
         ({"modules_to_save": "classifier"}, TypeError, "modules_to_save"),
         ({"rank_pattern": {"q_proj": 0}}, ValueError, "rank"),
         ({"rank_pattern": ["q_proj"]}, TypeError, "rank_pattern"),
+        ({"alpha": "16"}, TypeError, "alpha must be a number, got str"),
+        ({"alpha": True}, TypeError, "alpha must be a number, got bool"),
+        ({"dropout": "0.1"}, TypeError, "dropout must be a number"),
+        ({"eps": None}, TypeError, "eps must be a number"),
+        ({"alpha_pattern": {"q_proj": "8"}}, TypeError, "alpha must be a number"),
     ],
 )
 def test_bad_config_values(kwargs, error, match):

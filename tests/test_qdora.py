@@ -433,6 +433,10 @@ def test_errors():
     layer = adapted("torchao-int8")
     with pytest.raises(ValueError, match=f"last dimension {D_IN}"):
         layer(torch.randn(2, D_IN + 1))
+    with pytest.raises(ValueError, match=f"last dimension {D_IN}"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="floating-point input"):
+        layer(torch.ones(2, D_IN, dtype=torch.long))
 
 
 @pytest.mark.parametrize(("method", "extra"), [("bnb-nf4", "bnb"), ("torchao-int8", "torchao")])

@@ -278,6 +278,12 @@ def _one_thread(small: bool) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def autocast_enabled(like: Tensor) -> bool:
+    """Whether ``torch.autocast`` is on for ``like``'s device type."""
+    device = like.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 @contextmanager
 def _autocast_off(like: Tensor) -> Iterator[torch.dtype]:
     """Switch autocast off for a block, yielding the dtype it should compute in.
@@ -285,10 +291,10 @@ def _autocast_off(like: Tensor) -> Iterator[torch.dtype]:
     :class:`DoRALinearFunction` mixes dtypes on purpose (the norm in float32) and writes into
     buffers in place, which autocast's per-op casting would break; it casts once instead.
     """
-    device = like.device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    if not autocast_enabled(like):
         yield like.dtype
         return
+    device = like.device.type
     with torch.autocast(device, enabled=False):
         yield torch.get_autocast_dtype(device) if like.is_floating_point() else like.dtype
 

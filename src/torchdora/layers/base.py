@@ -9,9 +9,12 @@ A layer kind (Linear, Conv, Embedding, …) subclasses :class:`DoRALayer` and su
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.weak import WeakIdRef
 
 from torchdora import functional as DF
 from torchdora.distributed import copy_full_, full_tensor, is_dtensor, local_tensor
@@ -29,22 +32,44 @@ def recommended_defaults() -> dict[str, float]:
     return dict(RECOMMENDED_DEFAULTS)
 
 
-def _tensor_key(t: Tensor) -> tuple:
-    """Identity of a tensor's current contents: storage, in-place version, dtype, device, shape.
+class _Stamp:
+    """What a cached value was computed from: a tensor, its storage and its in-place version.
 
-    In-place edits through ``tensor.data`` are invisible to PyTorch's version counter;
-    after such an edit call :meth:`DoRALayer.refresh_weight_norm`.
+    The tensor (for a view, its base: ``Conv1D`` computes with ``weight.T``) and its storage are
+    held by weak reference and compared by identity, never by address: a new tensor that got a
+    freed one's address and version 0 (``load_state_dict(..., assign=True)``, ``param.data =
+    new``) never matches. ``_version`` catches in-place edits, except through ``tensor.data``:
+    after such an edit call :meth:`DoRALayer.refresh_weight_norm`. For a ``DTensor`` the storage
+    and view are its local shard's, and both version counters count: an in-place op through the
+    ``DTensor`` bumps only the wrapper's, one on the local shard only the shard's.
     """
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+    __slots__ = ("_state", "_storage", "_tensor")
+
+    def __init__(self, t: Tensor) -> None:
+        self._tensor = WeakIdRef(_owner(t))
+        self._storage = StorageWeakRef(local_tensor(t).untyped_storage())
+        self._state = _state(t)
+
+    def matches(self, t: Tensor) -> bool:
+        """Whether ``t`` is the same tensor, with the same contents, as when stamped."""
+        return (
+            self._tensor() is _owner(t)
+            and _state(t) == self._state
+            and local_tensor(t).untyped_storage()._cdata == self._storage.cdata
+        )
 
 
-def _sharded_key(t: Tensor) -> tuple:
-    """:func:`_tensor_key` of a ``DTensor``: its local shard, and the versions of both.
+def _owner(t: Tensor) -> Tensor:
+    """The tensor whose identity stands for ``t``'s: ``t`` itself, or the base of a view."""
+    return t if t._base is None else t._base
 
-    An in-place op through the ``DTensor`` bumps only the wrapper's version counter; one on the
-    local shard only the shard's.
-    """
-    return (*_tensor_key(local_tensor(t)), t._version, tuple(t.shape), tuple(t.placements))
+
+def _state(t: Tensor) -> tuple:
+    """``t``'s in-place version and how it views its storage (the local shard's, if sharded)."""
+    local = local_tensor(t)
+    view = (local._version, t.dtype, local.shape, local.stride(), local.storage_offset())
+    return view if local is t else (*view, t._version, t.shape, t.placements)
 
 
 def check_adapter_args(
@@ -55,6 +80,10 @@ def check_adapter_args(
         raise TypeError(f"rank must be an int, got {type(rank).__name__}")
     if rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank}")
+    numbers = {"alpha": 1.0 if alpha is None else alpha, "dropout": dropout, "eps": eps}
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if alpha is not None and not 0 < alpha < math.inf:
         raise ValueError(f"alpha must be finite and > 0 (or None for alpha = rank), got {alpha}")
     if not 0.0 <= dropout < 1.0:
@@ -143,9 +172,9 @@ class DoRALayer(nn.Module):
         else:
             self.register_parameter("magnitude", None)
         self._weight_sq_norm: Tensor | None = None
-        self._weight_sq_norm_key: tuple | None = None
+        self._weight_sq_norm_key: _Stamp | None = None
         self._scale_cache: Tensor | None = None
-        self._scale_cache_key: tuple | None = None
+        self._scale_cache_key: tuple[tuple[_Stamp, ...], float, float] | None = None
         self._merge_norm: Tensor | None = None
         self._uninitialized: set[str] = set()
         self.reset_parameters()
@@ -192,7 +221,8 @@ class DoRALayer(nn.Module):
 
         A trainable base is never cached: ``c`` is recomputed differentiably each call. For a
         sharded base (a ``DTensor``) each rank computes its part and the result is gathered, so
-        every rank must call this together; see :meth:`_cache_key` for FSDP2's gathered copies.
+        every rank must call this together; see :meth:`_cacheable` for FSDP2's gathered copies and
+        ``torch.compile``, under which ``c`` is computed in the graph on every call.
 
         Raises:
             RuntimeError: the adapter was never initialised (see :meth:`initialize_magnitude`).
@@ -201,25 +231,30 @@ class DoRALayer(nn.Module):
         if weight.requires_grad and torch.is_grad_enabled():
             self._check_initialized()
             return self.compute_weight_sq_norm()
-        key = self._cache_key(weight)
-        if key is not None and key == self._weight_sq_norm_key:
+        cacheable, stamp = self._cacheable(weight), self._weight_sq_norm_key
+        if cacheable and stamp is not None and stamp.matches(weight):
             return self._weight_sq_norm
         self._check_initialized()
         with torch.no_grad():
             norm = full_tensor(self.compute_weight_sq_norm())
-        if key is not None:
-            self._weight_sq_norm, self._weight_sq_norm_key = norm, key
+        if cacheable:
+            self._weight_sq_norm, self._weight_sq_norm_key = norm, _Stamp(weight)
         return norm
 
-    def _cache_key(self, tensor: Tensor) -> tuple | None:
-        """What the cached norms are keyed on, or ``None`` where no key can be trusted.
+    def _cacheable(self, tensor: Tensor) -> bool:
+        """Whether a norm computed from ``tensor`` may be cached (keyed by a :class:`_Stamp`).
 
         A ``DTensor`` is keyed on its local shard. Inside the forward of a module that FSDP2
         manages, the parameters are gathered copies that FSDP refills in freshly allocated
         storage on every forward with their version counter kept unchanged, so neither the
         storage nor the version says whether the shards changed in between: a norm computed
-        from such a copy is never cached.
+        from such a copy is never cached. Nor is one computed under ``torch.compile``: checking
+        a cache in Python would break the graph, so a compiled forward computes the norms in its
+        graph on every call (one more read of ``W``: about 3% of the frozen matmul of a
+        1024 × 1024 layer at 256 tokens on CPU).
         """
+        if torch.compiler.is_compiling():
+            return False
         if is_dtensor(tensor):
             if not is_dtensor(self.lora_A):
                 raise RuntimeError(
@@ -229,10 +264,8 @@ class DoRALayer(nn.Module):
                     "DoRA layer together with its base (fully_shard the DoRA layer or a module "
                     "holding it, e.g. the transformer block), never base_layer alone"
                 )
-            return _sharded_key(tensor)
-        if self.__dict__.get("_is_fsdp_managed_module", False):  # set by fully_shard
-            return None
-        return _tensor_key(tensor)
+            return True
+        return not self.__dict__.get("_is_fsdp_managed_module", False)  # set by fully_shard
 
     def compute_weight_sq_norm(self) -> Tensor:
         """``‖W_i‖²`` computed afresh (a quantized base overrides this to dequantize in chunks)."""
@@ -251,6 +284,14 @@ class DoRALayer(nn.Module):
         self._weight_sq_norm_key = None
         self._scale_cache_key = None
 
+    def __getstate__(self) -> dict:
+        # The caches hold weak references to this layer's tensors: a copy (deepcopy, pickle)
+        # has tensors of its own and starts without them.
+        state = super().__getstate__()
+        state.update(_weight_sq_norm=None, _weight_sq_norm_key=None)
+        state.update(_scale_cache=None, _scale_cache_key=None)
+        return state
+
     def row_norm(self, weight_a: Tensor) -> Tensor:
         """``n = ‖W + s·B A‖`` per row, from ``weight_a = W Aᵀ`` (the factored form)."""
         norm = DF.factored_row_norm(
@@ -260,18 +301,22 @@ class DoRALayer(nn.Module):
 
     def inference_scale(self) -> Tensor:
         """``m / n`` for no-grad forwards, cached until any of W, A, B, m changes."""
-        keys = tuple(
-            self._cache_key(t) for t in (self.base_weight, self.lora_A, self.lora_B, self.magnitude)
-        )
-        key = None if None in keys else (*keys, self.scaling, self.eps)
-        if key is not None and key == self._scale_cache_key:
+        tensors = (self.base_weight, self.lora_A, self.lora_B, self.magnitude)
+        cacheable, key = all(self._cacheable(t) for t in tensors), self._scale_cache_key
+        if (
+            cacheable
+            and key is not None
+            and key[1:] == (self.scaling, self.eps)
+            and all(stamp.matches(t) for stamp, t in zip(key[0], tensors, strict=True))
+        ):
             return self._scale_cache
         self._check_initialized()
         with torch.no_grad():
             norm = self.row_norm(self.compute_weight_a())
             scale = self.magnitude.to(norm.dtype) / norm
-        if key is not None:
-            self._scale_cache, self._scale_cache_key = scale, key
+        if cacheable:
+            stamps = tuple(_Stamp(t) for t in tensors)
+            self._scale_cache, self._scale_cache_key = scale, (stamps, self.scaling, self.eps)
         return scale
 
     def magnitude_scale(self) -> Tensor:
@@ -528,6 +573,34 @@ class DoRALayer(nn.Module):
         self.mark_initialized()
 
     # ----------------------------------------------------------------- helpers for forward
+    def _check_features(self, x: Tensor) -> None:
+        """Refuse an input that is not ``(..., in_features)`` (kinds with a Linear-like input)."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects input with last dimension {self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def _check_dtype(self, x: Tensor, *, match_base: bool = True) -> None:
+        """Refuse an input the forward cannot compute with, naming its dtype (metadata only).
+
+        The input must be floating point and, with ``match_base``, in the dtype the base
+        computes in, as for ``nn.Linear`` (mixing dtypes would otherwise cast the whole base
+        weight on the autograd path and fail on the no-grad one). Under autocast, which casts
+        every floating dtype but float64, the two may differ unless one is float64.
+        """
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+        base = self.base_dtype
+        if not match_base or x.dtype == base:
+            return
+        if not DF.autocast_enabled(x) or torch.float64 in (x.dtype, base):
+            raise TypeError(
+                f"{type(self).__name__} computes in {base} (its base layer's dtype) but got "
+                f"input of dtype {x.dtype}; cast the input or the layer (.to(dtype)), or run "
+                "under torch.autocast (which leaves float64 as it is)"
+            )
+
     def _runs_base_only(self) -> bool:
         if self.disabled and self.merged:
             raise RuntimeError(

@@ -67,6 +67,14 @@ class DoRAConv(DoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
+        spatial = self.base_weight.dim() - 2
+        if x.dim() not in (spatial + 1, spatial + 2) or x.shape[-spatial - 1] != base.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (N, in_channels, *spatial) or "
+                f"(in_channels, *spatial) with in_channels={base.in_channels} and {spatial} "
+                f"spatial dims (its base {type(base).__name__}'s), got shape {tuple(x.shape)}"
+            )
+        self._check_dtype(x)
         if self._runs_base_only():
             return base(x)
         lora_input = self._lora_input(x)

@@ -88,11 +88,8 @@ class DoRALinear(DoRALayer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__} expects input with last dimension {self.in_features}, "
-                f"got shape {tuple(x.shape)}"
-            )
+        self._check_features(x)
+        self._check_dtype(x)
         weight, bias = self.base_weight, self.base_layer.bias
         if self._runs_base_only():
             return self.base_layer(x)
@@ -101,7 +98,8 @@ class DoRALinear(DoRALayer):
             return DF.lora_linear(
                 x, weight, bias, self.lora_A, self.lora_B, self.scaling, lora_input=lora_input
             )
-        if not torch.is_grad_enabled() and lora_input is None:
+        # Compiled, m/n is not cached: the training form gets W Aᵀ from its stacked matmul.
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()) and lora_input is None:
             return DF.dora_linear_scaled(
                 x, weight, bias, self.lora_A, self.lora_B, self.inference_scale(), self.scaling
             )

@@ -129,11 +129,8 @@ class QuantizedDoRALinear(DoRALayer):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__} expects input with last dimension {self.in_features}, "
-                f"got shape {tuple(x.shape)}"
-            )
+        self._check_features(x)
+        self._check_dtype(x, match_base=False)  # any float dtype: the output has the input's
         if self._runs_base_only():
             return self._base(x)
         lead = x.shape[:-1]
