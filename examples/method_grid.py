@@ -45,6 +45,7 @@ def run_one(args: argparse.Namespace, method: str, rank: int, seed: int) -> dict
             max_steps=args.max_steps,
             seed=seed,
             output=str(out),
+            overwrite=True,  # an unfinished run's folder is trained again from the start
             progress="none",
         )
         run_finetune(config, log=lambda line: print(f"  {line}", flush=True))

@@ -345,6 +345,19 @@ def test_keys_for_modules_the_model_lacks(saved):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_inspect_refuses_what_loading_refuses(saved):
+    _edit_tensors(saved, lambda t: None)  # as PEFT writes it: no torchdora metadata
+    assert "written by  PEFT or another tool" in str(inspect_adapter(saved))
+    _edit_config(saved, r=2)
+    with pytest.raises(AdapterFileError, match="does not match the tensors' ranks"):
+        inspect_adapter(saved)
+
+
+def test_adapter_of_another_architecture_names_the_modules(saved):
+    with pytest.raises(AdapterFileError, match=r"modules this model does not have: \['base_mod"):
+        load_adapter(build("bert"), saved)
+
+
 def test_non_finite_values_are_refused(saved):
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"
     _edit_tensors(saved, lambda t: t[key].__setitem__(0, float("nan")))

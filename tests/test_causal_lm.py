@@ -393,7 +393,7 @@ def test_qdora_run_keeps_the_head_in_full_precision_and_merges_to_plain_weights(
     ("args", "message"),
     [
         (["--merge"], "--merge needs an --adapter"),
-        (["--adapter", "no-such-folder"], "no-such-folder is not a folder"),
+        (["--adapter", "no-such-folder"], "no-such-folder does not exist"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ],
 )
@@ -402,6 +402,20 @@ def test_generate_bad_input_is_one_line_exit_2(tiny, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("torchdora generate: error:") and message in err
     assert err.count("\n") == 1
+
+
+def test_generate_refuses_other_folders_as_adapter_before_loading_the_model(tmp_path, capsys):
+    empty, classifier = tmp_path / "empty", tmp_path / "classifier"
+    empty.mkdir()
+    classifier.mkdir()
+    (classifier / "labels.json").write_text('["a", "b"]')
+    for adapter, message in [
+        (empty, "adapter_config.json is missing"),
+        (classifier, "text-classification run's adapter (it has labels.json)"),
+    ]:
+        argv = ["generate", "--model", str(tmp_path / "no-model"), "--adapter", str(adapter)]
+        assert main([*argv, "hi"]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_generate_missing_model_is_one_line_exit_2(tmp_path, capsys):

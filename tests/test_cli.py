@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,21 +54,23 @@ def tiny(tmp_path_factory):
     return root
 
 
+def finetune_argv(tiny, out, *extra: str) -> list[str]:
+    return [
+        "finetune",
+        "--model", str(tiny / "model"),
+        "--data", str(tiny / "data.csv"),
+        "--label-column", "topic",
+        "--max-steps", "6",
+        "--batch-size", "8",
+        "--lr", "0.01",
+        "--progress", "none",
+        "--output", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
 def finetune(tiny, out, *extra: str) -> int:
-    return main(
-        [
-            "finetune",
-            "--model", str(tiny / "model"),
-            "--data", str(tiny / "data.csv"),
-            "--label-column", "topic",
-            "--max-steps", "6",
-            "--batch-size", "8",
-            "--lr", "0.01",
-            "--progress", "none",
-            "--output", str(out),
-            *extra,
-        ]
-    )  # fmt: skip
+    return main(finetune_argv(tiny, out, *extra))
 
 
 def test_finetune_writes_a_complete_run(tiny, tmp_path, capsys):
@@ -124,6 +127,30 @@ def test_config_file_and_flag_override(tiny, tmp_path):
     assert json.loads((out / "config.json").read_text())["rank"] == 2
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "key"),
+    [
+        ("c.toml", 'rank = "8"\n', "rank"),
+        ("c.json", '{"rank": 4.5}', "rank"),
+        ("c.json", '{"dropout": null}', "dropout"),
+        ("c.json", '{"lr": "1e-3"}', "lr"),
+        ("c.yaml", 'test_size: "0.2"\n', "test_size"),
+        ("c.json", '{"output": 5}', "output"),
+        ("c.json", '{"max-steps": "2"}', "max-steps"),  # wrong even where a flag overrides it
+    ],
+)
+def test_config_file_value_of_a_wrong_type_is_one_line_exit_2(
+    tiny, tmp_path, capsys, name, text, key
+):
+    config = tmp_path / name
+    config.write_text(text)
+    out = tmp_path / "run"
+    assert finetune(tiny, out, "--config", str(config)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(config) in err[0] and f"{key} must be" in err[0], err
+    assert not out.exists()
+
+
 def _bad_csv(tmp_path, text):
     path = tmp_path / "bad.csv"
     path.write_text(text)
@@ -143,10 +170,18 @@ def _bad_csv(tmp_path, text):
         (["--config", "missing.toml"], "does not exist"),
         (["--quantize", "int3"], "quantize must be one of"),
         (["--method", "full", "--quantize", "bnb-nf4"], "trains the base weights"),
+        (["--lr", "-1"], "learning_rate must be > 0"),
+        (["--magnitude-lr", "-1"], "magnitude_lr must be > 0"),
+        (["--loraplus-ratio", "0"], "loraplus_lr_ratio must be > 0"),
+        (["--targets", "query,foo"], "['foo']"),
+        (["--output", ""], "output must be a folder path"),
+        (["--overwrite", "--resume", "somewhere"], "overwrite"),
         (["--unknown-key-file"], None),
     ],
 )
-def test_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, args, message):
+def test_bad_input_is_one_line_exit_2_nothing_written(
+    tiny, tmp_path, capsys, monkeypatch, args, message
+):
     replacements = {
         "CSV_WITHOUT_COLUMN": lambda: _bad_csv(tmp_path, "text,label\nw1 w2,a\nw3,b\n"),
         "EMPTY_CSV": lambda: _bad_csv(tmp_path, "text,topic\n"),
@@ -154,6 +189,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, ar
         "HEAD_TOO_SMALL": lambda: str(_two_label_classifier(tiny, tmp_path)),
     }
     args = [replacements[a]() if a in replacements else a for a in args]
+    monkeypatch.chdir(tmp_path)  # a run folder "" would be the current folder
+    before = set(tmp_path.iterdir())
     capsys.readouterr()
     out = tmp_path / "run"
     if message is None:  # argparse's own error for an unknown flag
@@ -166,7 +203,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, ar
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("torchdora finetune: error:")
         assert message in err
-    assert not out.exists()
+    assert set(tmp_path.iterdir()) == before
 
 
 def _two_label_classifier(tiny, tmp_path):
@@ -186,6 +223,71 @@ def test_unwritable_output_fails_before_training(tiny, tmp_path, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
+def test_max_length_beyond_the_model_is_cut_to_its_positions(tiny, tmp_path, capsys):
+    long_text = " ".join(WORDS * 3)  # 90 words: more than the model's 64 positions
+    data = _bad_csv(
+        tmp_path, "text,topic\n" + "".join(f"{long_text},{'abc'[i % 3]}\n" for i in range(30))
+    )
+    assert finetune(tiny, tmp_path / "run", "--data", data, "--max-length", "100") == 0
+    assert "texts are cut to 64 tokens" in capsys.readouterr().out
+
+
+def test_a_failed_run_removes_what_it_created(tiny, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr("torchdora.finetune.evaluate_classification", broken)
+    assert finetune(tiny, tmp_path / "new" / "run") == 2
+    assert "evaluation broke" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"  # an empty folder of the user's stays, empty
+    mine.mkdir()
+    assert finetune(tiny, mine) == 2
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
+def test_reusing_a_run_folder_needs_resume_or_overwrite(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune(tiny, out, "--max-steps", "2") == 0
+    first = {p.name: p.read_text() for p in out.glob("*.json*")}
+    capsys.readouterr()
+    assert finetune(tiny, out, "--max-steps", "2", "--method", "lora") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "not empty" in err and f"--resume {out / 'checkpoint'}" in err and "--overwrite" in err
+    assert {p.name: p.read_text() for p in out.glob("*.json*")} == first
+
+    (out / "notes.txt").write_text("mine")
+    assert finetune(tiny, out, "--max-steps", "2", "--method", "lora", "--overwrite") == 0
+    records = [json.loads(line) for line in (out / "decomposition.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"LoRA"}  # the DoRA run's records are gone
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(logged) == len(first["metrics.jsonl"].splitlines())
+    assert (out / "notes.txt").read_text() == "mine"
+
+    # --resume continues a run there, but not into a file where the run writes a folder
+    shutil.rmtree(out / "merged")
+    (out / "merged").write_text("x")
+    checkpoint = str(out / "checkpoint")
+    assert finetune(tiny, out, "--max-steps", "2", "--method", "lora", "--resume", checkpoint) == 2
+    assert str(out / "merged") in capsys.readouterr().err.strip().splitlines()[-1]
+
+    blocked = tmp_path / "blocked"  # QA's case: refused up front, not after training
+    blocked.mkdir()
+    (blocked / "merged").write_text("x")
+    assert finetune(tiny, blocked) == 2
+    assert [p.name for p in blocked.iterdir()] == ["merged"]
+
+
+def test_targets_one_name_is_a_list_of_one_and_a_regex_still_works(tiny, tmp_path):
+    for targets, suffix in (("query", ".query"), (r".*\.value", ".value")):
+        out = tmp_path / suffix.strip(".")
+        assert finetune(tiny, out, "--targets", targets, "--max-steps", "1") == 0
+        adapted = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert adapted["target_modules"] and all(
+            name.endswith(suffix) for name in adapted["target_modules"]
+        )
+
+
 def test_compare_trains_both_methods(tiny, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert finetune(tiny, out, "--compare", "lora,dora", "--max-steps", "2") == 0
@@ -200,6 +302,20 @@ def test_compare_trains_both_methods(tiny, tmp_path, capsys):
     # same seed: the same new head, and both adapters start as the identity
     assert dora["accuracy_before"] == lora["accuracy_before"]
     assert abs(dora["loss_before"] - lora["loss_before"]) < 1e-5
+
+
+def test_compare_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, methods, message in (
+        (afile, "lora,dora", f"{afile} is a file"),
+        (tmp_path / "cmp", ",", "--compare needs at least one method"),
+        (tmp_path / "cmp", "dora,lora,dora", "--compare lists dora more than once"),
+    ):
+        assert finetune(tiny, out, "--compare", methods) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == [afile] and afile.read_text() == "x"
 
 
 def test_full_finetune_trains_only_the_targets_and_head(tiny, tmp_path, capsys):
@@ -305,3 +421,48 @@ def test_torchrun_ddp_equals_one_process_on_the_global_batch(tiny, tmp_path):
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
+
+
+def test_commands_reading_a_run_name_bad_input_in_one_line(tiny, tmp_path, capsys):
+    """evaluate/predict/inspect/analyze and --resume given bad values or damaged files: one
+    line naming the problem, exit 2 (not a traceback)."""
+    out = tmp_path / "run"
+    assert finetune(tiny, out) == 0
+    model, adapter, a_file = str(tiny / "model"), out / "adapter", tmp_path / "a-file"
+    a_file.write_text("x")
+    predict = ["predict", "--model", model, "--adapter", str(adapter)]
+
+    def fails(argv: list[str], message: str) -> None:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err  # with transformers' progress bar of a model load
+        last = err.rstrip("\n").split("\n")[-1]
+        assert last.startswith(f"torchdora {argv[0]}: error:") and message in last, err
+        assert "Traceback" not in err
+
+    fails([*predict, "--max-length", "-1", "w1"], "max_length must be at least 2, got -1")
+    long_text = " ".join(WORDS * 4)  # 120 tokens: past the model's 64 positions
+    capsys.readouterr()
+    assert main([*predict, "--max-length", "200", long_text]) == 0  # cut to the positions
+    assert capsys.readouterr().out.split("\t")[0] in "abc"
+    fails(["evaluate", "--model", model, "--adapter", str(adapter), "--max-length", "1"],
+          "max_length must be at least 2")  # fmt: skip
+    fails(["inspect", str(a_file)], "is a file, not a folder")
+    fails(["analyze", str(a_file)], "is a file, not a directory")
+    fails(["analyze", str(out), "--out", str(a_file)], "is a file, not a directory")
+    fails(["analyze", str(out), "--out", str(a_file / "plots")], "Not a directory")
+    labels = adapter / "labels.json"
+    for text, message in [
+        ("null", "must hold a list of at least 2 class names, found None"),
+        ('["a", "b"', "labels.json is not valid JSON"),
+        ('["a", "b"]', "the classification head is built for the 2 labels in"),
+    ]:
+        labels.write_text(text)
+        fails([*predict, "w1"], message)
+    labels.unlink()
+    fails([*predict, "w1"], "a causal-lm run's adapter goes with `torchdora generate`")
+
+    weights = out / "checkpoint" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    fails(finetune_argv(tiny, out, "--resume", str(out / "checkpoint")),
+          "trainable.safetensors is damaged or unreadable")  # fmt: skip

@@ -95,6 +95,14 @@ def test_bad_data_files(tmp_path, name, content, kwargs, message):
         load_text_classification(path, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl"])
+def test_data_file_that_is_not_utf8_is_named(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes("text,label\ncafé,x\n".encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{name} is not UTF-8 text"):
+        load_text_classification(path)
+
+
 # --------------------------------------------------------------------------- split
 def labelled(counts: dict[str, int]) -> TextClassificationData:
     names = sorted(counts)

@@ -170,6 +170,27 @@ def test_save_killed_between_renames_is_recovered(tmp_path):
     assert not (tmp_path / "ckpt.old").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("trainable.safetensors", lambda data: data[:50]),
+        ("training_state.pt", lambda data: data[: len(data) // 2]),
+        ("trainer_state.json", lambda data: data[:-5]),
+        ("trainer_state.json", lambda data: b"[1, 2]"),
+    ],
+)
+def test_damaged_checkpoint_file_is_named_and_the_model_left_alone(tmp_path, name, damage):
+    examples = make_examples(22)
+    Trainer(make_model(), resume_run_args(tmp_path / "ckpt", max_steps=2), examples).train()
+    path = tmp_path / "ckpt" / name
+    path.write_bytes(damage(path.read_bytes()))
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"{name} is damaged or unreadable"):
+        load_checkpoint(tmp_path / "ckpt", model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_outside_the_main_thread_no_handler_is_installed(tmp_path):
     seen = []
 
@@ -310,6 +331,36 @@ def test_cli_output_faults_are_one_line_errors(tiny, tmp_path, capsys, monkeypat
     assert test_cli.finetune(tiny, tmp_path / "run", "--save-steps", "3") == 2
     err = cli_errors(capsys.readouterr().err)
     assert len(err) == 1 and "No space left on device" in err[0] and "step 6" in err[0], err
+    # the failed run removes nothing a --resume needs: the step-3 checkpoint and its logs stay
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert kept == ["checkpoint", "decomposition.jsonl", "metrics.jsonl"]
+
+
+def test_cli_compare_interrupted_exits_130_with_a_hint_for_the_compare(tiny, tmp_path):
+    """Ctrl-C reaches only the ``--compare`` process (its runs have a process group of their
+    own): it passes the signal on once, the running method checkpoints, and it exits 130."""
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "torchdora", "finetune", "--compare", "lora,dora",
+           "--model", str(tiny / "model"), "--data", str(tiny / "data.csv"),
+           "--label-column", "topic", "--batch-size", "8", "--max-steps", "3000",
+           "--progress", "log", "--output", str(out)]  # fmt: skip
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in parent.stderr:
+            if line.startswith("step "):  # the first log line of the lora run
+                parent.send_signal(signal.SIGINT)
+                break
+        _, err = parent.communicate(timeout=120)
+    finally:
+        parent.kill()
+    assert parent.returncode == 130, err
+    checkpoint = out / "lora" / "checkpoint"
+    [line] = cli_errors(err)
+    assert line.startswith(
+        "torchdora finetune: interrupted by SIGINT during the lora run of --compare; "
+    )
+    assert f"--method lora --output {out / 'lora'} --resume {checkpoint} in place of" in line
+    assert (checkpoint / "trainer_state.json").is_file() and not (out / "dora").exists()
 
 
 CHILD = """

@@ -21,8 +21,8 @@ from torchdora.finetune import (
     adapt_model,
     decomposition_callbacks,
     describe_run,
+    fitted_max_length,
     quantize_base,
-    run_folder,
     run_statistics,
     write_run,
 )
@@ -48,14 +48,12 @@ SAMPLE_PROMPTS = 3  # held-out prompts answered before and after training
 SAMPLE_TOKENS = 40
 
 
-def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``config`` (``task="causal-lm"``) end to end; returns what ``metrics.json`` holds.
-
-    Unusable data or model raise ``ValueError`` subclasses before the output folder is
-    written to.
-    """
-    if config.resume and not Path(config.resume).is_dir():
-        raise ValueError(f"--resume: checkpoint folder {config.resume} does not exist")
+def run_causal_lm(
+    config: FinetuneConfig, output: Path | None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run ``config`` (``task="causal-lm"``) end to end, writing the run folder ``output`` if
+    given (:func:`~torchdora.finetune.run_finetune` prepares it); returns what
+    ``metrics.json`` holds. Unusable data or model raise ``ValueError`` subclasses."""
     conversations = (
         load_chatterbot_corpus() if config.data is None else load_conversations(config.data)
     )
@@ -64,12 +62,12 @@ def run_causal_lm(config: FinetuneConfig, log: Callable[[str], None] = print) ->
     )
     set_seed(config.seed)  # the adapters' initial values are part of the run
     model, tokenizer = load_causal_lm(config.model)
-    train_examples = tokenize_conversations(tokenizer, train_data, config.max_length)
-    test_examples = tokenize_conversations(tokenizer, test_data, config.max_length)
+    max_length = fitted_max_length(config, model, tokenizer, log)
+    train_examples = tokenize_conversations(tokenizer, train_data, max_length)
+    test_examples = tokenize_conversations(tokenizer, test_data, max_length)
     # The output head stays in full precision, as in QLoRA: often it is the input embedding.
     quantize_base(model, config, keep=sorted(output_head_names(model)), log=log)
     analysed = adapt_model(model, config, head=None)
-    output = run_folder(config)
     trainable, total = count_trainable_parameters(model)
     log(
         f"{config.describe_method()} on {config.model or SMOLLM2}: "

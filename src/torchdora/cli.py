@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,11 @@ FLAG_TYPES = {  # finetune flags: name -> type (also the config-file keys)
     "quantize": str,
     "output": str,
     "resume": str,
+    "overwrite": bool,
     "progress": str,
 }
+#: Set in the environment of a ``--compare`` run, whose parent reports an interrupt.
+COMPARE_RUN = "TORCHDORA_COMPARE_RUN"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     for name, kind in FLAG_TYPES.items():
-        finetune.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            finetune.add_argument(flag, dest=name, action="store_true")
+        else:
+            finetune.add_argument(flag, dest=name, type=kind)
     finetune.add_argument("--config", dest="config_file", help="TOML/JSON file with the same keys")
     finetune.add_argument("--compare", help="comma-separated methods to train side by side")
 
@@ -115,6 +124,12 @@ def _read_config_file(path: str) -> dict[str, Any]:
         raise ValueError(f"--config: {file} cannot be parsed: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config: {file} must hold a table of settings")
+    from torchdora.finetune import FinetuneConfig
+
+    try:
+        FinetuneConfig.check_types(values)
+    except ValueError as err:
+        raise ValueError(f"--config: {file}: {err}") from None
     return values
 
 
@@ -129,7 +144,7 @@ def _finetune(args: argparse.Namespace) -> int:
     flags.pop("command", None)
     values = _read_config_file(config_file) if config_file else {}
     values.update(flags)
-    if compare:
+    if compare is not None:
         if launched_with_ranks():
             raise ValueError("--compare runs each method in a fresh process: not under torchrun")
         return _compare(values, [m.strip() for m in compare.split(",") if m.strip()])
@@ -146,24 +161,39 @@ def _finetune(args: argparse.Namespace) -> int:
 def _compare(values: dict[str, Any], methods: list[str]) -> int:
     """Train each method in a fresh process (so peak memory is its own) with the same seed,
     data and budget, then print a side-by-side table."""
-    from torchdora.finetune import FinetuneConfig
+    from torchdora.finetune import FinetuneConfig, check_run_folder
 
     if values.get("task", "classification") != "classification":
         raise ValueError("--compare tabulates accuracy: it supports --task classification only")
+    if not methods:
+        raise ValueError("--compare needs at least one method, e.g. --compare lora,dora")
+    repeated = sorted({method for method in methods if methods.count(method) > 1})
+    if repeated:
+        raise ValueError(f"--compare lists {', '.join(repeated)} more than once")
+    if values.get("resume") is not None:
+        raise ValueError("--compare starts its runs afresh: resume a run on its own")
     for method in methods:
         FinetuneConfig.from_dict({**values, "method": method})  # fail fast on bad settings
-    root = Path(values.get("output") or tempfile.mkdtemp(prefix="torchdora-compare-"))
+    output = values.get("output")
+    root = Path(output or tempfile.mkdtemp(prefix="torchdora-compare-"))
+    for method in methods:  # before the first run: not half-way through the comparison
+        check_run_folder(root / method, resume=False, overwrite=bool(values.get("overwrite")))
     rows = []
-    for method in methods:
-        run = {**values, "method": method, "output": str(root / method)}
-        config_path = root / f"{method}.json"
-        root.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(run))
-        print(f"== {method} ==", flush=True)
-        cmd = [sys.executable, "-m", "torchdora", "finetune", "--config", str(config_path)]
-        if subprocess.run(cmd, check=False).returncode != 0:
-            raise RuntimeError(f"the {method} run failed (see its output above)")
-        rows.append(json.loads((root / method / "metrics.json").read_text()))
+    with tempfile.TemporaryDirectory(prefix="torchdora-compare-") as settings:
+        for method in methods:
+            run = root / method
+            config_path = Path(settings) / f"{method}.json"
+            config_path.write_text(json.dumps({**values, "method": method, "output": str(run)}))
+            print(f"== {method} ==", flush=True)
+            cmd = [sys.executable, "-m", "torchdora", "finetune", "--config", str(config_path)]
+            returncode = _run_compare_run(cmd)
+            if returncode - 128 in (signal.SIGINT, signal.SIGTERM):
+                hint = _compare_interrupted(returncode - 128, method, run)
+                print(f"torchdora finetune: {hint}", file=sys.stderr)
+                return returncode
+            if returncode != 0:
+                raise RuntimeError(f"the {method} run failed (see its output above)")
+            rows.append(json.loads((run / "metrics.json").read_text()))
     header = ("method", "acc before", "acc after", "trainable", "s/step", "peak MB")
     width = max(len(m) for m in methods) + 2
     print(f"\n{{:<{width}}}{{:>12}}{{:>11}}{{:>12}}{{:>9}}{{:>9}}".format(*header))
@@ -174,6 +204,38 @@ def _compare(values: dict[str, Any], methods: list[str]) -> int:
         )
     print(f"runs in {root}")
     return 0
+
+
+def _run_compare_run(cmd: list[str]) -> int:
+    """Run one method of ``--compare`` and return its exit status. It runs in a session of its
+    own, so Ctrl-C reaches this process alone, which passes a SIGINT or SIGTERM on to it once:
+    the run checkpoints and stops as a plain run does, and leaves the report to this one."""
+    child = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, COMPARE_RUN: "1"})
+
+    def forward(signum: int, frame: Any) -> None:
+        child.send_signal(signum)
+
+    previous = {
+        signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _compare_interrupted(signum: int, method: str, run: Path) -> str:
+    """What to do after a signal stopped the ``method`` run (folder ``run``) of ``--compare``."""
+    checkpoint = run / "checkpoint"
+    again = "rerun the same command with --overwrite to start the comparison again"
+    if checkpoint.is_dir():
+        again = (
+            f"its checkpoint is in {checkpoint}: to finish that run, rerun with --method {method} "
+            f"--output {run} --resume {checkpoint} in place of --compare and --output, or {again}"
+        )
+    name = signal.Signals(signum).name
+    return f"interrupted by {name} during the {method} run of --compare; {again}"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -237,10 +299,17 @@ def _analyze(args: argparse.Namespace) -> int:
     for path in analyze_runs(args.runs, out):
         print(f"wrote {path}")
     files = [Path(run) / DECOMPOSITION_FILE for run in args.runs]
-    records = [r for file in files if file.is_file() for r in read_decomposition(file)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # analyze_runs has warned about these files already
+        records = [r for file in files if file.is_file() for r in read_decomposition(file)]
     for method, r in method_correlations(records).items():
         print(f"{method}: corr(ΔD, ΔM) = {r:+.3f}")
     return 0
+
+
+def _show_warning(command: str, message: Warning | str, *_: Any, **__: Any) -> None:
+    """A warning as one line of the command's output, without Python's source location."""
+    print(f"torchdora {command}: warning: {message}", file=sys.stderr)
 
 
 COMMANDS = {
@@ -279,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         if not launched_with_ranks():
             keep_freed_memory()
     try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        with warnings.catch_warnings():
+            warnings.showwarning = partial(_show_warning, args.command)
+            return COMMANDS[args.command](args)
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"torchdora {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or the Trainer's TrainingInterrupted
@@ -293,5 +364,6 @@ def main(argv: list[str] | None = None) -> int:
             detail += (
                 f"; checkpoint in {checkpoint}: rerun the same command with --resume {checkpoint}"
             )
-        print(f"torchdora {args.command}: interrupted{detail}", file=sys.stderr)
+        if COMPARE_RUN not in os.environ:  # a --compare run's parent reports it
+            print(f"torchdora {args.command}: interrupted{detail}", file=sys.stderr)
         return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

@@ -15,18 +15,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import resource
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchdora.analysis import DECOMPOSITION_FILE, DecompositionTracker
-from torchdora.config import DoRAConfig
+from torchdora.analysis import (
+    DECOMPOSITION_FILE,
+    DECOMPOSITION_PLOT,
+    LOSS_PLOT,
+    METRICS_FILE,
+    DecompositionTracker,
+)
+from torchdora.config import ALL_LINEAR, DoRAConfig
 from torchdora.distributed import is_main_process
-from torchdora.io import load_adapter, save_adapter, save_merged
+from torchdora.io import AdapterFileError, load_adapter, save_adapter, save_merged
+from torchdora.io.peft_format import PREFIX
 from torchdora.model import apply_dora, count_trainable_parameters
 from torchdora.model.targeting import find_targets, name_matches
 from torchdora.quantization import QUANTIZATION_METHODS, quantize_model
@@ -35,7 +47,9 @@ from torchdora.train import (
     Trainer,
     TrainingArguments,
     bundled_model_path,
+    check_max_length,
     evaluate_classification,
+    fit_max_length,
     load_bbc_news,
     load_sequence_classifier,
     load_text_classification,
@@ -59,6 +73,23 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 LABELS_FILE = "labels.json"
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
+CHECKPOINT_DIR = "checkpoint"
+#: What a run folder holds (``analyze`` adds the plots), ``True`` for a folder: what
+#: ``overwrite`` removes, and what must not stand in the way of a resumed run's files.
+RUN_ENTRIES = {
+    "adapter": True,
+    "merged": True,
+    CHECKPOINT_DIR: True,
+    "config.json": False,
+    "metrics.json": False,
+    METRICS_FILE: False,
+    DECOMPOSITION_FILE: False,
+    DECOMPOSITION_PLOT: False,
+    LOSS_PLOT: False,
+}
+#: What a failed or interrupted run leaves when it saved a checkpoint: all ``resume`` needs.
+RESUMABLE = (CHECKPOINT_DIR, METRICS_FILE, DECOMPOSITION_FILE)
+_NAMES = re.compile(r"[\w.]+")  # a module name or path: anything else makes a regex
 
 
 @dataclass
@@ -71,7 +102,10 @@ class FinetuneConfig:
             SmolLM2-135M-Instruct, its ``data`` ``None`` the ChatterBot corpus.
         method: one of :data:`METHODS`.
         rank, alpha, dropout: the adapter's (see :class:`~torchdora.DoRAConfig`).
-        targets: module names or a regex; ``None`` = the architecture's defaults.
+        targets: a list of module names (each matching the module of that name or whose name
+            ends in ``"." + name``) or a string: comma-separated names (``"query,value"``),
+            ``"all-linear"``, or else a regex matched against whole module names (see
+            :func:`parse_targets`); ``None`` = the architecture's defaults.
         model: a local ``transformers`` model folder; ``None`` = the bundled MiniLM.
         data: a CSV/TSV/JSONL file with a text and a label column; ``None`` = BBC News.
         text_column, label_column: the columns of ``data``.
@@ -82,8 +116,11 @@ class FinetuneConfig:
             training settings, see :class:`~torchdora.train.TrainingArguments`.
         quantize: QDoRA: quantize every Linear but the head first, with one of
             :data:`torchdora.quantization.QUANTIZATION_METHODS` (e.g. ``"bnb-nf4"``).
-        output: the run folder; ``None`` = write nothing.
+        output: the run folder; ``None`` = write nothing. It must be new or empty unless
+            ``resume`` or ``overwrite`` is set (see :func:`run_folder`).
         resume: a ``checkpoint/`` folder of an earlier run with the same settings.
+        overwrite: start afresh in an ``output`` that holds an earlier run: its files
+            (:data:`RUN_ENTRIES`) are removed first; other files there are kept.
         progress: ``"auto"``, ``"bar"``, ``"log"`` or ``"none"``.
     """
 
@@ -116,12 +153,14 @@ class FinetuneConfig:
     quantize: str | None = None
     output: str | None = None
     resume: str | None = None
+    overwrite: bool = False
     progress: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.extra:
             raise ValueError(f"unknown settings: {sorted(self.extra)}")
+        self.check_types(self.to_dict())
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.method not in METHODS:
@@ -134,8 +173,13 @@ class FinetuneConfig:
             )
         if self.method == "full" and self.quantize is not None:
             raise ValueError("method 'full' trains the base weights, which --quantize freezes")
-        if isinstance(self.targets, str) and "," in self.targets:
-            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        for name in ("output", "resume"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must be a folder path, got an empty string")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("overwrite starts the run afresh and resume continues it: pick one")
+        if isinstance(self.targets, str):
+            self.targets = parse_targets(self.targets)
         self.dora_config(head=None)  # validates rank, alpha, dropout, targets
         self.training_arguments()  # validates the training settings
 
@@ -149,6 +193,18 @@ class FinetuneConfig:
         for name, value in {**TASK_DEFAULTS.get(str(values.get("task")), {}), **values}.items():
             (known if name in names else extra)[name] = value
         return cls(**known, extra=extra)
+
+    @classmethod
+    def check_types(cls, values: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for the first of ``values`` (settings by name, with ``-`` or
+        ``_``) that does not have its field's declared type; unknown names are left to
+        :meth:`from_dict`. An int is a float too, a bool neither."""
+        hints = typing.get_type_hints(cls)
+        declared = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "extra"}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name in declared and not _has_type(value, hints[name]):
+                raise ValueError(f"{key} must be {declared[name]}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
@@ -186,10 +242,32 @@ class FinetuneConfig:
             seed=self.seed,
             eval_steps=self.eval_steps,
             save_steps=self.save_steps,
-            checkpoint_dir=str(out / "checkpoint") if out else None,
-            metrics_file=str(out / "metrics.jsonl") if out else None,
+            checkpoint_dir=str(out / CHECKPOINT_DIR) if out else None,
+            metrics_file=str(out / METRICS_FILE) if out else None,
             progress=self.progress,
         )
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type ``hint`` (a class, ``list[str]`` or a union of them):
+    an int is a float too, a bool neither; list items are checked by their users."""
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """``targets`` as the command line gives them: ``"all-linear"``; module names separated by
+    commas (``"query"``, ``"query,value"``, ``"layer.0.attention.self.query"``), a list; or,
+    where any other character appears (``".*\\.(query|value)"``), a regex, kept as it is."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if text == ALL_LINEAR or not names or not all(_NAMES.fullmatch(n) for n in names):
+        return text
+    return names
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
@@ -216,12 +294,71 @@ def unfreeze_targets(model, config: DoRAConfig) -> list[str]:
     return names
 
 
-def run_folder(config: FinetuneConfig) -> Path | None:
-    """``config.output``, created and proven writable; ``None`` without one and on ranks other
-    than 0 (they write nothing)."""
+def check_run_folder(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse ``path`` as a run folder, before any work, if it cannot be one: a file is in the
+    way; it holds files but neither ``resume`` (continue the run there) nor ``overwrite``
+    (start afresh) was asked for; or, resuming, an entry there is a file where the run writes
+    a folder or the other way round."""
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output folder {path} is not writable: {existing} is a file")
+    if existing != path or overwrite:
+        return
+    if not resume and any(path.iterdir()):
+        checkpoint = path / CHECKPOINT_DIR
+        hint = (
+            f"--resume {checkpoint} to continue the run there, or " if checkpoint.is_dir() else ""
+        )
+        raise ValueError(
+            f"output folder {path} is not empty: pass {hint}--overwrite to start afresh "
+            "(or choose another --output)"
+        )
+    for name, is_folder in RUN_ENTRIES.items():
+        entry = path / name
+        if entry.exists() and entry.is_dir() != is_folder:
+            kind = "folder" if is_folder else "file"
+            raise ValueError(f"{entry} is in the way of the run's {name} {kind}: move it away")
+
+
+@contextmanager
+def run_folder(config: FinetuneConfig) -> Iterator[Path | None]:
+    """``config.output`` for the run, ``None`` without one and on ranks other than 0 (they
+    write nothing): checked (:func:`check_run_folder`), with ``overwrite`` emptied of an
+    earlier run's :data:`RUN_ENTRIES`, created and proven writable, all before any work.
+
+    If the run then fails or is stopped, what it created is removed again, except a saved
+    checkpoint and its logs (:data:`RESUMABLE`): a run leaves its finished folder or a
+    resumable one, never a half-written one, and what was there before stays."""
     if config.output is None or not is_main_process():
-        return None
-    return check_output_dir(config.output)
+        yield None
+        return
+    path = Path(config.output)
+    check_run_folder(path, resume=config.resume is not None, overwrite=config.overwrite)
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    created = missing[-1] if missing else None  # the outermost folder this run creates
+    if config.overwrite:
+        for name in RUN_ENTRIES:
+            _remove(path / name)
+    before = set(path.iterdir()) if path.is_dir() else set()
+    try:
+        yield check_output_dir(path)
+    except BaseException:
+        keep = RESUMABLE if (path / CHECKPOINT_DIR).is_dir() else ()
+        if created is not None and not keep:
+            shutil.rmtree(created, ignore_errors=True)
+        elif path.is_dir():
+            for entry in set(path.iterdir()) - before:
+                if entry.name not in keep:
+                    _remove(entry)
+        raise
+
+
+def _remove(path: Path) -> None:
+    """Delete the file or folder ``path`` if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def run_statistics(trainable: int, total: int, summary: dict[str, Any]) -> dict[str, Any]:
@@ -265,11 +402,29 @@ def adapt_model(
 ) -> list[str] | None:
     """Add ``config``'s adapters to ``model`` (``head`` trained in full), or for ``full``
     unfreeze the modules they would adapt. Returns the modules whose ΔM/ΔD to track: ``None``
-    for every DoRA/LoRA layer, the unfrozen targets' names for ``full``."""
+    for every DoRA/LoRA layer, the unfrozen targets' names for ``full``. Each of a list of
+    target names must match a module (``apply_dora`` asks that one of them does)."""
+    dora_config = config.dora_config(head)
+    if isinstance(dora_config.target_modules, list):
+        for name in dora_config.target_modules:  # raises, naming it, if it matches nothing
+            find_targets(model, dataclasses.replace(dora_config, target_modules=[name]))
     if config.method == "full":
-        return unfreeze_targets(model, config.dora_config(head))
-    apply_dora(model, config.dora_config(head))
+        return unfreeze_targets(model, dora_config)
+    apply_dora(model, dora_config)
     return None
+
+
+def fitted_max_length(
+    config: FinetuneConfig, model: nn.Module, tokenizer, log: Callable[[str], None]
+) -> int:
+    """``config.max_length`` cut to the positions ``model`` reads, saying so when it is cut."""
+    max_length = fit_max_length(config.max_length, model, tokenizer)
+    if max_length < config.max_length:
+        log(
+            f"max_length {config.max_length} is more than the model reads: texts are cut to "
+            f"{max_length} tokens"
+        )
+    return max_length
 
 
 def decomposition_callbacks(
@@ -298,19 +453,28 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     """Run ``config`` end to end; returns the results written to ``metrics.json``.
 
     Raises ``ValueError`` subclasses (``DataError``, ``ModelLoadError``, …) for unusable
-    input, all before the output folder is written to.
+    input; a run that fails leaves the output folder as it found it, or resumable (see
+    :func:`run_folder`).
 
     In a distributed run (``torchrun``, see :class:`~torchdora.train.Trainer`) every rank
     trains; only rank 0 logs and writes the run folder.
     """
     if not is_main_process():
         log = _silent
-    if config.task == "causal-lm":
-        from torchdora.causal_lm import run_causal_lm  # imports this module
-
-        return run_causal_lm(config, log)
     if config.resume and not Path(config.resume).is_dir():
         raise ValueError(f"--resume: checkpoint folder {config.resume} does not exist")
+    with run_folder(config) as output:
+        if config.task == "causal-lm":
+            from torchdora.causal_lm import run_causal_lm  # imports this module
+
+            return run_causal_lm(config, output, log)
+        return run_classification(config, output, log)
+
+
+def run_classification(
+    config: FinetuneConfig, output: Path | None, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """:func:`run_finetune` of a ``classification`` task, writing to ``output`` if given."""
     data = (
         load_bbc_news()
         if config.data is None
@@ -325,7 +489,6 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     head = head_modules(model)
     quantize_base(model, config, keep=head, log=log)
     analysed = adapt_model(model, config, head)
-    output = run_folder(config)
     trainable, total = count_trainable_parameters(model)
     log(
         f"{config.describe_method()} on {Path(model_dir).name}: "
@@ -333,8 +496,9 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
         f"{len(test_data.texts)} held-out examples, {len(data.label_names)} labels"
     )
 
-    train_examples = tokenize_classification(tokenizer, train_data, config.max_length)
-    test_examples = tokenize_classification(tokenizer, test_data, config.max_length)
+    max_length = fitted_max_length(config, model, tokenizer, log)
+    train_examples = tokenize_classification(tokenizer, train_data, max_length)
+    test_examples = tokenize_classification(tokenizer, test_data, max_length)
     collate = partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0)
     args = config.training_arguments()
     evaluate = partial(
@@ -405,20 +569,20 @@ def describe_run(output: Path, adapter: Path | None) -> str:
     return f"{written}{output}/merged, metrics.json, config.json"
 
 
-def load_classifier(model: str | None, adapter: str | None):
-    """``(model, tokenizer, label_names)`` for evaluation/prediction.
+def load_classifier(model: str | None, adapter: str | None, max_length: int = 128):
+    """``(model, tokenizer, label_names, max_length)`` for evaluation/prediction, ``max_length``
+    cut to the model's positions.
 
     ``model`` is a folder (``None``: the bundled MiniLM); with ``adapter`` (a run's
     ``adapter/`` folder) the adapter is loaded on top and the class names come from its
     ``labels.json``; without, they come from the model's ``config.json`` (e.g. a run's
     ``merged/`` folder).
     """
+    check_max_length(max_length)  # before the model is loaded
     model_dir = Path(model) if model else bundled_model_path()
     if adapter is not None:
         labels_path = Path(adapter) / LABELS_FILE
-        if not labels_path.is_file():
-            raise ValueError(f"{labels_path} is missing: --adapter must be a run's adapter folder")
-        label_names = json.loads(labels_path.read_text())
+        label_names = read_label_names(labels_path)
     else:
         config_path = model_dir / "config.json"
         if not config_path.is_file():
@@ -429,8 +593,37 @@ def load_classifier(model: str | None, adapter: str | None):
             raise ValueError(f"{model_dir} has no classification labels; pass --adapter")
     classifier, tokenizer = load_sequence_classifier(model_dir, label_names)
     if adapter is not None:
-        load_adapter(classifier, adapter)
-    return classifier.eval(), tokenizer, label_names
+        try:
+            load_adapter(classifier, adapter)
+        except AdapterFileError as err:
+            if not any(f"{PREFIX}{head}." in str(err) for head in head_modules(classifier)):
+                raise
+            raise AdapterFileError(
+                f"{err} (the classification head is built for the {len(label_names)} labels "
+                f"in {labels_path})"
+            ) from err
+    return (
+        classifier.eval(),
+        tokenizer,
+        label_names,
+        fit_max_length(max_length, classifier, tokenizer),
+    )
+
+
+def read_label_names(path: Path) -> list[str]:
+    """The class names a classification run wrote to its adapter folder (``labels.json``)."""
+    if not path.is_file():
+        raise ValueError(
+            f"{path} is missing: --adapter must be the adapter folder of a text-classification "
+            "run (a causal-lm run's adapter goes with `torchdora generate`)"
+        )
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path} must hold a list of at least 2 class names, found {names!r:.80}")
+    return names
 
 
 def evaluate_saved(
@@ -445,7 +638,7 @@ def evaluate_saved(
 ) -> dict[str, float]:
     """Held-out metrics of a saved model/adapter: on ``data`` (all of it) if given, else on the
     bundled data's held-out split (the one ``run_finetune`` held out with the same settings)."""
-    classifier, tokenizer, label_names = load_classifier(model, adapter)
+    classifier, tokenizer, label_names, max_length = load_classifier(model, adapter, max_length)
     if data is None:
         _, test_data = train_test_split(load_bbc_news(), test_size, seed=split_seed)
     else:
@@ -465,7 +658,7 @@ def predict(
     """``(label, probability)`` for each of ``texts``."""
     import torch
 
-    classifier, tokenizer, label_names = load_classifier(model, adapter)
+    classifier, tokenizer, label_names, max_length = load_classifier(model, adapter, max_length)
     encoded = tokenizer(
         texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
     )

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchdora.finetune import LABELS_FILE
 from torchdora.io import load_adapter
+from torchdora.io.files import read_config
 from torchdora.model import merge_and_unload
 from torchdora.train.causal_lm import load_causal_lm, render_prompt
 
@@ -24,8 +26,13 @@ def load_generator(
     folder) loaded on top, and merged into plain layers when ``merge``."""
     if merge and adapter is None:
         raise ValueError("--merge needs an --adapter to merge")
-    if adapter is not None and not Path(adapter).is_dir():
-        raise ValueError(f"--adapter: {adapter} is not a folder")
+    if adapter is not None:  # a folder that is not a causal-LM adapter is refused before loading
+        if (Path(adapter) / LABELS_FILE).is_file():
+            raise ValueError(
+                f"--adapter: {adapter} is a text-classification run's adapter (it has "
+                f"{LABELS_FILE}); use it with `torchdora predict` or `torchdora evaluate`"
+            )
+        read_config(adapter)
     lm, tokenizer = load_causal_lm(model)
     if adapter is not None:
         load_adapter(lm, adapter)

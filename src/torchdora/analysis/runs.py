@@ -34,7 +34,10 @@ def analyze_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLi
         raise ValueError("no run directories given")
     for run in runs:
         if not run.is_dir():
-            raise FileNotFoundError(f"run directory {str(run)!r} does not exist")
+            problem = "is a file, not a directory" if run.exists() else "does not exist"
+            raise FileNotFoundError(f"run directory {str(run)!r} {problem}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FileExistsError(f"output directory {str(out_dir)!r} is a file, not a directory")
     names = [run.name for run in runs]
     labels = names if len(set(names)) == len(names) else [str(run) for run in runs]
     records, curves = [], {}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 import torchdora
 from torchdora.config import DoRAConfig
@@ -19,6 +19,7 @@ from torchdora.io.peft_format import (
     adapter_ranks,
     config_value,
     dora_config_from_peft,
+    fit_to_model,
     load_peft_state_dict,
     peft_config,
     peft_state_dict,
@@ -77,10 +78,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     wrapper, model = model, unwrap_model(model)
     config, tensors, metadata = files.read_adapter_folder(path)
-    ranks = adapter_ranks(tensors)
-    if not ranks:
-        raise AdapterFileError(f"{Path(path) / files.WEIGHTS_NAME} holds no LoRA/DoRA tensors")
-    dora_config = dora_config_from_peft(config, ranks, model)
+    ranks = _adapted_modules(path, tensors)
+    dora_config = fit_to_model(dora_config_from_peft(config, ranks), ranks, model)
     if any(True for _ in dora_modules(model)):
         _check_same_settings(model, dora_config, path)
         load_peft_state_dict(model, tensors)
@@ -97,6 +96,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise
         raise AdapterFileError(f"the adapter in {path} does not fit this model: {err}") from err
     return wrapper
+
+
+def _adapted_modules(path: str | os.PathLike, tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Module → rank of the adapter's tensors (:func:`adapter_ranks`); none is an error."""
+    ranks = adapter_ranks(tensors)
+    if not ranks:
+        raise AdapterFileError(f"{Path(path) / files.WEIGHTS_NAME} holds no LoRA/DoRA tensors")
+    return ranks
 
 
 def _check_same_settings(model: nn.Module, config: DoRAConfig, path: str | os.PathLike) -> None:
@@ -190,14 +197,16 @@ class AdapterSummary:
         ]
         if self.modules_to_save:
             lines.append(f"saved       {', '.join(self.modules_to_save)}")
-        lines.append(f"written by  torchdora {self.torchdora_version or '(not torchdora: PEFT?)'}")
+        writer = self.torchdora_version and f"torchdora {self.torchdora_version}"
+        lines.append(f"written by  {writer or 'PEFT or another tool (no torchdora metadata)'}")
         return "\n".join(lines)
 
 
 def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
     """Summarise an adapter folder without a model: targets, ranks, parameters, size."""
     config, tensors, metadata = files.read_adapter_folder(path)
-    targets = adapter_ranks(tensors)
+    targets = _adapted_modules(path, tensors)
+    dora_config_from_peft(config, targets)  # refuses what load_adapter would refuse
     ranks: dict[int, int] = {}
     for rank in targets.values():
         ranks[rank] = ranks.get(rank, 0) + 1

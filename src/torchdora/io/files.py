@@ -143,7 +143,8 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in ``folder/adapter_config.json``."""
     path = Path(folder) / CONFIG_NAME
     if not Path(folder).is_dir():
-        raise AdapterFileError(f"adapter folder {folder} does not exist")
+        problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+        raise AdapterFileError(f"adapter folder {folder} {problem}")
     if not path.is_file():
         raise AdapterFileError(f"{path} is missing: not an adapter folder")
     try:

@@ -203,16 +203,15 @@ _UNSUPPORTED_PEFT_OPTIONS = {
 an adapter file that sets one is refused rather than loaded as something else."""
 
 
-def dora_config_from_peft(config: dict, ranks: dict[str, int], model: nn.Module) -> DoRAConfig:
-    """The :class:`DoRAConfig` that recreates a PEFT adapter's layers in ``model`` on the
-    modules of ``ranks`` (module → rank of its tensors, see :func:`adapter_ranks`).
+def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
+    """The :class:`DoRAConfig` that recreates a PEFT adapter's layers on the modules of
+    ``ranks`` (module → rank of its tensors, see :func:`adapter_ranks`).
 
     Targets come from the tensors actually in the file (robust to PEFT's other targeting
     options); ranks, alphas and the rest from the config. The config's rank of each module must
     be the rank of its tensors, so a damaged config cannot make the layers larger than the file.
     As PEFT does, ``rank_pattern``/``alpha_pattern`` keys that select none of those modules
-    and ``modules_to_save`` entries that match no module of ``model`` are ignored (e.g.
-    ``"score"``, which PEFT lists for every sequence-classification adapter).
+    are ignored. See :func:`fit_to_model` for the model's side.
     """
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(
@@ -233,12 +232,6 @@ def dora_config_from_peft(config: dict, ranks: dict[str, int], model: nn.Module)
         raise AdapterFileError(
             f"adapter_config.json: bias must be one of {sorted(modes)}, got {bias!r}"
         )
-    names = [name for name, _ in candidate_modules(model)]
-    to_save = [  # entries that are no str stay, for DoRAConfig to refuse
-        entry
-        for entry in config_value(config, "modules_to_save", list) or []
-        if not isinstance(entry, str) or any(name_matches([entry], name) for name in names)
-    ]
     try:
         dora_config = DoRAConfig(
             rank=rank,
@@ -249,7 +242,7 @@ def dora_config_from_peft(config: dict, ranks: dict[str, int], model: nn.Module)
             use_rslora=bool(config_value(config, "use_rslora", bool, False)),
             rank_pattern=dict(config_value(config, "rank_pattern", dict, {})),
             alpha_pattern=dict(config_value(config, "alpha_pattern", dict, {})),
-            modules_to_save=to_save or None,
+            modules_to_save=config_value(config, "modules_to_save", list) or None,
             bias=modes[bias],
         )
         dora_config = replace(
@@ -269,6 +262,24 @@ def dora_config_from_peft(config: dict, ranks: dict[str, int], model: nn.Module)
             f"adapter_config.json does not match the tensors' ranks: {wrong[:5]}"
         )
     return dora_config
+
+
+def fit_to_model(config: DoRAConfig, ranks: dict[str, int], model: nn.Module) -> DoRAConfig:
+    """``config`` (:func:`dora_config_from_peft` of ``ranks``) for ``model``: every adapted
+    module must be in it, and ``modules_to_save`` entries that match none of its modules are
+    dropped, as PEFT drops them (it lists ``"score"`` beside ``"classifier"`` for every
+    sequence classifier)."""
+    modules = dict(model.named_modules())
+    absent = [f"{PREFIX}{name}" for name in ranks if name not in modules]
+    if absent:  # before a target pattern made of these names is built and fails to match
+        raise _not_in_model(absent)
+    names = [name for name, _ in candidate_modules(model)]
+    kept = [
+        entry
+        for entry in config.modules_to_save or []
+        if any(name_matches([entry], name) for name in names)
+    ]
+    return replace(config, modules_to_save=kept or None)
 
 
 def _patterns_in_use(patterns: dict, modules: dict[str, int]) -> dict:
@@ -360,11 +371,7 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         else:
             still_unknown.append(key)
     if still_unknown:
-        listed = sorted(still_unknown)
-        more = f" and {len(listed) - 10} more" if len(listed) > 10 else ""
-        raise AdapterFileError(
-            f"the adapter has tensors for modules this model does not have: {listed[:10]}{more}"
-        )
+        raise _not_in_model(still_unknown)
     expected = {
         f"{PREFIX}{path}.{where.suffix}"
         for path, layer in layers.items()
@@ -382,6 +389,14 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         copy_full_(param, value.reshape(param.shape))
     for layer in layers.values():
         layer.mark_initialized()
+
+
+def _not_in_model(names: list[str]) -> AdapterFileError:
+    listed = sorted(names)
+    more = f" and {len(listed) - 10} more" if len(listed) > 10 else ""
+    return AdapterFileError(
+        f"the adapter has tensors for modules this model does not have: {listed[:10]}{more}"
+    )
 
 
 def _loadable(key: str, value: Tensor, param: Tensor) -> Tensor:

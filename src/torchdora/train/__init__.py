@@ -10,9 +10,11 @@ progress bar (``tqdm``); the rest runs on PyTorch alone.
 from torchdora.train.allocator import keep_freed_memory
 from torchdora.train.arguments import TrainingArguments
 from torchdora.train.batch import (
+    check_max_length,
     count_loss_items,
     count_tokens,
     epoch_batches,
+    fit_max_length,
     pad_collate,
     tokenize_classification,
 )
@@ -68,12 +70,14 @@ __all__ = [
     "autocast",
     "bundled_causal_lm_path",
     "bundled_model_path",
+    "check_max_length",
     "count_loss_items",
     "count_tokens",
     "create_optimizer",
     "epoch_batches",
     "evaluate_causal_lm",
     "evaluate_classification",
+    "fit_max_length",
     "from_labelled_texts",
     "get_parameter_groups",
     "get_rng_state",

@@ -80,6 +80,10 @@ class TrainingArguments:
                 _check_positive_int(name, getattr(self, name))
         if self.max_steps is None:
             _check_positive_int("num_train_epochs", self.num_train_epochs)
+        for name in ("learning_rate", "magnitude_lr", "magnitude_lr_ratio", "loraplus_lr_ratio"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # also refuses NaN
+                raise ValueError(f"{name} must be > 0, got {value}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

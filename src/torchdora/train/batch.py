@@ -23,12 +23,24 @@ Batch = dict[str, Tensor]
 IGNORE_INDEX = -100
 
 
+def check_max_length(max_length: int) -> None:
+    """Refuse a ``max_length`` no text can be cut to (a classifier needs [CLS] and [SEP])."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+
+
+def fit_max_length(max_length: int, model: Any, tokenizer: PreTrainedTokenizerBase) -> int:
+    """``max_length`` cut to what ``model`` can read: its ``max_position_embeddings`` and the
+    tokenizer's ``model_max_length`` (RoBERTa's 514 positions hold 512 tokens)."""
+    limits = (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
+    return min([max_length, *(limit for limit in limits if isinstance(limit, int))])
+
+
 def tokenize_classification(
     tokenizer: PreTrainedTokenizerBase, data: TextClassificationData, max_length: int = 128
 ) -> list[Example]:
     """Tokenize ``data`` (truncating to ``max_length`` tokens) into examples with ``labels``."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    check_max_length(max_length)
     encoded = tokenizer(data.texts, truncation=True, max_length=max_length)
     keys = [k for k in tokenizer.model_input_names if k in encoded]
     return [

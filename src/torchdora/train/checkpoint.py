@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +101,29 @@ def _recover_interrupted_save(directory: Path) -> None:
         old.rename(directory)
 
 
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """``reader(path)``, with any failure to read or parse it as a :class:`CheckpointError`
+    naming the file (safetensors, ``torch.load`` and ``json`` each fail in their own way)."""
+    try:
+        return reader(path)
+    except Exception as err:  # a damaged file may fail anywhere inside a parser
+        raise CheckpointError(f"{path} is damaged or unreadable ({err})") from err
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError('not a JSON object with an integer "step"')
+    return state
+
+
 def read_trainer_state(directory: str | Path) -> dict[str, Any]:
     """The ``trainer_state.json`` of a checkpoint (``step`` and what the trainer stored)."""
     _recover_interrupted_save(Path(directory))
     path = Path(directory) / TRAINER_STATE_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: it has no {TRAINER_STATE_NAME}")
-    return json.loads(path.read_text())
+    return _read(path, _json_object)
 
 
 def load_checkpoint(
@@ -132,9 +149,15 @@ def load_checkpoint(
     ]
     if missing:
         raise CheckpointError(f"{directory} is not a complete checkpoint: missing {missing}")
+    # Everything is read before anything is loaded: a damaged file leaves the model as it was.
+    trainer_state = read_trainer_state(directory)
+    weights = _read(directory / WEIGHTS_NAME, load_file)
+    state = _read(
+        directory / TRAINING_STATE_NAME,
+        lambda path: torch.load(path, map_location="cpu", weights_only=True),
+    )
     params = dict(model.named_parameters())
     expected = trainable_state_dict(model)
-    weights = load_file(directory / WEIGHTS_NAME)
     if set(weights) != set(expected):
         raise CheckpointError(
             f"{directory} does not fit this model: trainable parameters missing from the "
@@ -150,7 +173,6 @@ def load_checkpoint(
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    state = torch.load(directory / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if lr_scheduler is not None and state["lr_scheduler"] is not None:
@@ -159,4 +181,4 @@ def load_checkpoint(
         scaler.load_state_dict(state["scaler"])
     if restore_rng:
         set_rng_state(state["rng"])
-    return read_trainer_state(directory)
+    return trainer_state

@@ -139,14 +139,17 @@ def load_text_classification(
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        rows, columns = _read_csv(path, "\t" if suffix == ".tsv" else ",")
-    elif suffix in (".jsonl", ".ndjson", ".json"):
-        rows, columns = read_json_rows(path)
-    else:
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
         raise DataError(
             f"{path}: unsupported data file type {suffix!r}; use .csv, .tsv, .jsonl or .json"
         )
+    try:
+        if suffix in (".csv", ".tsv"):
+            rows, columns = _read_csv(path, "\t" if suffix == ".tsv" else ",")
+        else:
+            rows, columns = read_json_rows(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text: {err}") from None
     for option, column in (("text column", text_column), ("label column", label_column)):
         if column not in columns:
             raise DataError(
