@@ -174,6 +174,7 @@ def _bad_csv(tmp_path, text):
         (["--magnitude-lr", "-1"], "magnitude_lr must be > 0"),
         (["--loraplus-ratio", "0"], "loraplus_lr_ratio must be > 0"),
         (["--targets", "query,foo"], "['foo']"),
+        (["--targets", "attention"], "matched modules torchdora cannot adapt"),
         (["--output", ""], "output must be a folder path"),
         (["--overwrite", "--resume", "somewhere"], "overwrite"),
         (["--unknown-key-file"], None),
@@ -263,6 +264,7 @@ def test_reusing_a_run_folder_needs_resume_or_overwrite(tiny, tmp_path, capsys):
     logged = (out / "metrics.jsonl").read_text().splitlines()
     assert len(logged) == len(first["metrics.jsonl"].splitlines())
     assert (out / "notes.txt").read_text() == "mine"
+    assert "overwrite" not in json.loads((out / "config.json").read_text())  # not a setting
 
     # --resume continues a run there, but not into a file where the run writes a folder
     shutil.rmtree(out / "merged")

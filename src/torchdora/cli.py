@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
             finetune.add_argument(flag, dest=name, action="store_true")
         else:
             finetune.add_argument(flag, dest=name, type=kind)
-    finetune.add_argument("--config", dest="config_file", help="TOML/JSON file with the same keys")
+    finetune.add_argument(
+        "--config", dest="config_file", help="TOML/JSON/YAML file with the same keys"
+    )
     finetune.add_argument("--compare", help="comma-separated methods to train side by side")
 
     evaluate = sub.add_parser("evaluate", help="held-out accuracy of a saved adapter or model")
@@ -161,7 +163,8 @@ def _finetune(args: argparse.Namespace) -> int:
 def _compare(values: dict[str, Any], methods: list[str]) -> int:
     """Train each method in a fresh process (so peak memory is its own) with the same seed,
     data and budget, then print a side-by-side table."""
-    from torchdora.finetune import FinetuneConfig, check_run_folder
+    from torchdora.finetune import FinetuneConfig
+    from torchdora.run_folder import check_run_folder
 
     if values.get("task", "classification") != "classification":
         raise ValueError("--compare tabulates accuracy: it supports --task classification only")

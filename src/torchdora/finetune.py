@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import resource
-import shutil
-import tempfile
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from torchdora.analysis import (
     DECOMPOSITION_FILE,
-    DECOMPOSITION_PLOT,
-    LOSS_PLOT,
     METRICS_FILE,
     DecompositionTracker,
 )
@@ -42,6 +36,7 @@ from torchdora.io.peft_format import PREFIX
 from torchdora.model import apply_dora, count_trainable_parameters
 from torchdora.model.targeting import find_targets, name_matches
 from torchdora.quantization import QUANTIZATION_METHODS, quantize_model
+from torchdora.run_folder import CHECKPOINT_DIR, run_folder
 from torchdora.train import (
     DataError,
     Trainer,
@@ -73,22 +68,6 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 LABELS_FILE = "labels.json"
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
-CHECKPOINT_DIR = "checkpoint"
-#: What a run folder holds (``analyze`` adds the plots), ``True`` for a folder: what
-#: ``overwrite`` removes, and what must not stand in the way of a resumed run's files.
-RUN_ENTRIES = {
-    "adapter": True,
-    "merged": True,
-    CHECKPOINT_DIR: True,
-    "config.json": False,
-    "metrics.json": False,
-    METRICS_FILE: False,
-    DECOMPOSITION_FILE: False,
-    DECOMPOSITION_PLOT: False,
-    LOSS_PLOT: False,
-}
-#: What a failed or interrupted run leaves when it saved a checkpoint: all ``resume`` needs.
-RESUMABLE = (CHECKPOINT_DIR, METRICS_FILE, DECOMPOSITION_FILE)
 _NAMES = re.compile(r"[\w.]+")  # a module name or path: anything else makes a regex
 
 
@@ -117,10 +96,11 @@ class FinetuneConfig:
         quantize: QDoRA: quantize every Linear but the head first, with one of
             :data:`torchdora.quantization.QUANTIZATION_METHODS` (e.g. ``"bnb-nf4"``).
         output: the run folder; ``None`` = write nothing. It must be new or empty unless
-            ``resume`` or ``overwrite`` is set (see :func:`run_folder`).
+            ``resume`` or ``overwrite`` is set (see :func:`torchdora.run_folder.run_folder`).
         resume: a ``checkpoint/`` folder of an earlier run with the same settings.
         overwrite: start afresh in an ``output`` that holds an earlier run: its files
-            (:data:`RUN_ENTRIES`) are removed first; other files there are kept.
+            (:data:`torchdora.run_folder.RUN_ENTRIES`) are removed first; other files stay.
+            Not written to the run's ``config.json``: it is what the run did, not a setting.
         progress: ``"auto"``, ``"bar"``, ``"log"`` or ``"none"``.
     """
 
@@ -270,18 +250,6 @@ def parse_targets(text: str) -> list[str] | str:
     return names
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and prove it writable now, before any training time is spent."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ValueError(f"output folder {path} is not writable: {err.strerror}") from None
-    return path
-
-
 def unfreeze_targets(model, config: DoRAConfig) -> list[str]:
     """Full fine-tuning of what ``config`` would adapt: freeze ``model`` except the target
     modules and ``modules_to_save``; returns the target modules' names."""
@@ -292,73 +260,6 @@ def unfreeze_targets(model, config: DoRAConfig) -> list[str]:
         if name in names or saved:
             module.requires_grad_(True)
     return names
-
-
-def check_run_folder(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse ``path`` as a run folder, before any work, if it cannot be one: a file is in the
-    way; it holds files but neither ``resume`` (continue the run there) nor ``overwrite``
-    (start afresh) was asked for; or, resuming, an entry there is a file where the run writes
-    a folder or the other way round."""
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if not existing.is_dir():
-        raise ValueError(f"output folder {path} is not writable: {existing} is a file")
-    if existing != path or overwrite:
-        return
-    if not resume and any(path.iterdir()):
-        checkpoint = path / CHECKPOINT_DIR
-        hint = (
-            f"--resume {checkpoint} to continue the run there, or " if checkpoint.is_dir() else ""
-        )
-        raise ValueError(
-            f"output folder {path} is not empty: pass {hint}--overwrite to start afresh "
-            "(or choose another --output)"
-        )
-    for name, is_folder in RUN_ENTRIES.items():
-        entry = path / name
-        if entry.exists() and entry.is_dir() != is_folder:
-            kind = "folder" if is_folder else "file"
-            raise ValueError(f"{entry} is in the way of the run's {name} {kind}: move it away")
-
-
-@contextmanager
-def run_folder(config: FinetuneConfig) -> Iterator[Path | None]:
-    """``config.output`` for the run, ``None`` without one and on ranks other than 0 (they
-    write nothing): checked (:func:`check_run_folder`), with ``overwrite`` emptied of an
-    earlier run's :data:`RUN_ENTRIES`, created and proven writable, all before any work.
-
-    If the run then fails or is stopped, what it created is removed again, except a saved
-    checkpoint and its logs (:data:`RESUMABLE`): a run leaves its finished folder or a
-    resumable one, never a half-written one, and what was there before stays."""
-    if config.output is None or not is_main_process():
-        yield None
-        return
-    path = Path(config.output)
-    check_run_folder(path, resume=config.resume is not None, overwrite=config.overwrite)
-    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
-    created = missing[-1] if missing else None  # the outermost folder this run creates
-    if config.overwrite:
-        for name in RUN_ENTRIES:
-            _remove(path / name)
-    before = set(path.iterdir()) if path.is_dir() else set()
-    try:
-        yield check_output_dir(path)
-    except BaseException:
-        keep = RESUMABLE if (path / CHECKPOINT_DIR).is_dir() else ()
-        if created is not None and not keep:
-            shutil.rmtree(created, ignore_errors=True)
-        elif path.is_dir():
-            for entry in set(path.iterdir()) - before:
-                if entry.name not in keep:
-                    _remove(entry)
-        raise
-
-
-def _remove(path: Path) -> None:
-    """Delete the file or folder ``path`` if it is there."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def run_statistics(trainable: int, total: int, summary: dict[str, Any]) -> dict[str, Any]:
@@ -405,12 +306,15 @@ def adapt_model(
     for every DoRA/LoRA layer, the unfrozen targets' names for ``full``. Each of a list of
     target names must match a module (``apply_dora`` asks that one of them does)."""
     dora_config = config.dora_config(head)
-    if isinstance(dora_config.target_modules, list):
-        for name in dora_config.target_modules:  # raises, naming it, if it matches nothing
-            find_targets(model, dataclasses.replace(dora_config, target_modules=[name]))
-    if config.method == "full":
-        return unfreeze_targets(model, dora_config)
-    apply_dora(model, dora_config)
+    try:
+        if isinstance(dora_config.target_modules, list):
+            for name in dora_config.target_modules:  # raises, naming it, if it matches nothing
+                find_targets(model, dataclasses.replace(dora_config, target_modules=[name]))
+        if config.method == "full":
+            return unfreeze_targets(model, dora_config)
+        apply_dora(model, dora_config)
+    except TypeError as err:  # targets of a kind no adapter exists for: a bad setting here
+        raise ValueError(str(err)) from None
     return None
 
 
@@ -454,7 +358,7 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
 
     Raises ``ValueError`` subclasses (``DataError``, ``ModelLoadError``, …) for unusable
     input; a run that fails leaves the output folder as it found it, or resumable (see
-    :func:`run_folder`).
+    :func:`torchdora.run_folder.run_folder`).
 
     In a distributed run (``torchrun``, see :class:`~torchdora.train.Trainer`) every rank
     trains; only rank 0 logs and writes the run folder.
@@ -463,7 +367,8 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
         log = _silent
     if config.resume and not Path(config.resume).is_dir():
         raise ValueError(f"--resume: checkpoint folder {config.resume} does not exist")
-    with run_folder(config) as output:
+    resume, overwrite = config.resume is not None, config.overwrite
+    with run_folder(config.output, resume=resume, overwrite=overwrite) as output:
         if config.task == "causal-lm":
             from torchdora.causal_lm import run_causal_lm  # imports this module
 
@@ -558,7 +463,8 @@ def write_run(
             model, output / "adapter", base_model_name_or_path=base_model_name_or_path
         )
     tokenizer.save_pretrained(save_merged(model, output / "merged"))
-    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    settings = {k: v for k, v in config.to_dict().items() if k != "overwrite"}  # an action
+    (output / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
     (output / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return adapter
 
