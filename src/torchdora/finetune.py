@@ -366,7 +366,8 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     if not is_main_process():
         log = _silent
     if config.resume and not Path(config.resume).is_dir():
-        raise ValueError(f"--resume: checkpoint folder {config.resume} does not exist")
+        problem = "is a file, not a folder" if Path(config.resume).exists() else "does not exist"
+        raise ValueError(f"--resume: checkpoint folder {config.resume} {problem}")
     resume, overwrite = config.resume is not None, config.overwrite
     with run_folder(config.output, resume=resume, overwrite=overwrite) as output:
         if config.task == "causal-lm":
