@@ -191,6 +191,17 @@ def test_damaged_checkpoint_file_is_named_and_the_model_left_alone(tmp_path, nam
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_checkpoint_of_other_optimizer_groups_is_refused_and_the_model_left_alone(tmp_path):
+    examples = make_examples(22)
+    Trainer(make_model(), resume_run_args(tmp_path / "ckpt", max_steps=2), examples).train()
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one_group = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(CheckpointError, match="saved with other parameter groups"):
+        load_checkpoint(tmp_path / "ckpt", model, one_group)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_outside_the_main_thread_no_handler_is_installed(tmp_path):
     seen = []
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchdora import DoRALinear
+from torchdora import DoRAConfig, DoRALinear, apply_dora
 from torchdora.train import (
     CheckpointError,
     ProgressReporter,
@@ -101,6 +101,30 @@ def test_accumulated_gradients_equal_one_big_batch(micro_sizes):
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, expected[name], rtol=1e-12, atol=1e-14)
+
+
+def test_accumulated_gradients_of_a_causal_lm_equal_one_big_batch():
+    """A causal LM averages its loss over ``labels[:, 1:]`` (it shifts them): accumulation
+    must weigh micro-batches of rows of other lengths by that count, not by all labels."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    set_seed(0)
+    model = transformers.LlamaForCausalLM(config).double()
+    apply_dora(model, DoRAConfig(target_modules=["q_proj", "v_proj"], rank=2))
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for length in (2, 2, 12, 12, 3, 9):
+        ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
+        examples.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids})
+    expected = reference_grads(model, examples)
+    trainer = Trainer(model, quiet_args(), examples)
+    trainer.accumulate_gradients([pad_collate(examples[i : i + 2]) for i in (0, 2, 4)])
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-9)
 
 
 def test_trainer_accumulation_steps_equal_big_batch_steps():
@@ -395,6 +419,54 @@ def test_bf16_autocast_on_cpu_trains():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Trainer(make_model(), quiet_args(**kwargs), make_examples(4))
+
+
+def test_argument_of_a_wrong_type_is_named():
+    with pytest.raises(TypeError, match="learning_rate must be float, got '1e-3'"):
+        quiet_args(learning_rate="1e-3")
+
+
+def test_examples_as_tensors_train_like_lists():
+    """What a typical torch ``Dataset`` returns: tensors, the label a 0-d one."""
+    examples = make_examples(8)
+    as_tensors = [{k: torch.tensor(v) for k, v in ex.items()} for ex in examples]
+    finals = []
+    for data in (examples, as_tensors):
+        model = make_model()
+        Trainer(model, quiet_args(train_batch_size=4, max_steps=2), data).train()
+        finals.append(trainable(model))
+    for name in finals[0]:
+        torch.testing.assert_close(finals[1][name], finals[0][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda ex: ex.pop("labels"), "compute_loss returned None.*need 'labels'"),
+        (lambda ex: ex.update(labels="pos"), "'labels' must be numbers.*got 'pos'"),
+        (lambda ex: ex.update(labels=-100), "step 1 has no item to learn from"),
+    ],
+)
+def test_unusable_examples_are_named(edit, message):
+    examples = make_examples(4)
+    for example in examples:
+        edit(example)
+    with pytest.raises(ValueError, match=message):
+        Trainer(make_model(), quiet_args(train_batch_size=4, max_steps=1), examples).train()
+
+
+def test_training_goes_on_in_train_mode_after_an_eval_fn_that_set_eval():
+    model = make_model(dropout=0.5)
+    modes = []
+    model.hidden.register_forward_hook(lambda module, args, out: modes.append(module.training))
+
+    def eval_fn(m):
+        m.eval()
+        return {"eval_x": 1.0}
+
+    args = quiet_args(train_batch_size=4, max_steps=3, eval_steps=1)
+    Trainer(model, args, make_examples(8), eval_fn=eval_fn).train()
+    assert modes == [True, True, True]
 
 
 def test_progress_bar_and_plain_lines():

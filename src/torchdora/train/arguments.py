@@ -4,6 +4,9 @@ that a config file or command line maps onto."""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +76,9 @@ class TrainingArguments:
     progress: str = "auto"
 
     def __post_init__(self) -> None:
+        problem = field_type_problem(type(self), dataclasses.asdict(self))
+        if problem:
+            raise TypeError(problem)
         for name in ("train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             _check_positive_int(name, getattr(self, name))
         for name in ("max_steps", "eval_steps", "save_steps"):
@@ -103,3 +109,28 @@ class TrainingArguments:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def field_type_problem(cls: type, values: Mapping[str, Any]) -> str | None:
+    """What is wrong with the first of ``values`` (by field name of the dataclass ``cls``, with
+    ``-`` or ``_``) that does not have its field's declared type; ``None`` if all do. Names
+    that are no field are left to the caller."""
+    hints = typing.get_type_hints(cls)
+    declared = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in declared and not _has_type(value, hints[name]):
+            return f"{key} must be {declared[name]}, got {value!r}"
+    return None
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type ``hint`` (a class, ``list[str]`` or a union of them):
+    an int is a float too, a bool neither; list items are checked by their users."""
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, typing.get_origin(hint) or hint)

@@ -56,26 +56,43 @@ def pad_collate(examples: Sequence[Example], pad_token_id: int = 0) -> Batch:
     """
     batch = {}
     for key in examples[0]:
-        values = [ex[key] for ex in examples]
-        if not isinstance(values[0], list | tuple):
+        values = [ex[key].tolist() if isinstance(ex[key], Tensor) else ex[key] for ex in examples]
+        if isinstance(values[0], list | tuple):
+            pad = pad_token_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+            width = max(len(v) for v in values)
+            values = [list(v) + [pad] * (width - len(v)) for v in values]
+        try:
             batch[key] = torch.tensor(values)
-            continue
-        pad = pad_token_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
-        width = max(len(v) for v in values)
-        batch[key] = torch.tensor([list(v) + [pad] * (width - len(v)) for v in values])
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"the examples' {key!r} must be numbers or lists of numbers (labels as class "
+                f"indices), got {values[0]!r:.60}: {err}"
+            ) from None
     return batch
 
 
-def count_loss_items(batch: Batch) -> int:
+def count_loss_items(batch: Batch, shifted: bool = False) -> int:
     """How many terms a mean loss over ``batch`` averages: labels that are not ``-100``.
 
     One per example for classification, one per target token for token-level labels; the
-    batch size when there are no labels. Gradient accumulation weights micro-batches by it.
+    batch size when there are no labels. ``shifted``: the loss predicts token ``t + 1`` from
+    token ``t`` and so never uses each row's first label (a causal LM, see
+    :func:`shifts_labels`). Gradient accumulation weights micro-batches by it.
     """
     labels = batch.get("labels")
     if labels is None:
         return len(next(iter(batch.values())))
+    if shifted and labels.dim() > 1:
+        labels = labels[..., 1:]
     return int((labels != IGNORE_INDEX).sum())
+
+
+def shifts_labels(model: Any) -> bool:
+    """Whether ``model(**batch).loss`` averages over ``labels[..., 1:]``: a decoder-only
+    ``transformers`` language model, which shifts the labels itself."""
+    can_generate = getattr(model, "can_generate", None)
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return callable(can_generate) and bool(can_generate()) and not is_encoder_decoder
 
 
 def count_tokens(batch: Batch) -> int:

@@ -170,15 +170,21 @@ def load_checkpoint(
                 f"{directory}: {name} has shape {tuple(tensor.shape)}, "
                 f"the model's has {tuple(expected[name].shape)}"
             )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:  # first: it checks the groups fit before it changes anything
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{directory}: the optimizer state does not fit this optimizer ({err}); it was "
+                "saved with other parameter groups"
+            ) from err
     if lr_scheduler is not None and state["lr_scheduler"] is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
     if restore_rng:
         set_rng_state(state["rng"])
     return trainer_state

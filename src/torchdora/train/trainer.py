@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torchdora.train.batch import (
     count_tokens,
     epoch_batches,
     pad_collate,
+    shifts_labels,
     to_device,
 )
 from torchdora.train.checkpoint import (
@@ -105,7 +107,8 @@ class Trainer:
             :func:`~torchdora.train.evaluate_classification`).
         compute_loss: ``compute_loss(model, batch)``, the mean loss over the batch's items.
         count_items: ``count_items(batch)``, how many items that mean is over (default: the
-            labels that are not ``-100``).
+            labels that are not ``-100``, but for the first of each row where the model is a
+            causal LM, see :func:`~torchdora.train.batch.count_loss_items`).
         optimizer: default AdamW over :func:`~torchdora.train.get_parameter_groups`.
         lr_scheduler: default warmup + ``args.lr_scheduler_type``.
         callbacks: each called with every log and eval record (a dict with ``step``), on
@@ -136,7 +139,7 @@ class Trainer:
         data_collator: Callable[[Sequence[Example]], Batch] = pad_collate,
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         compute_loss: Callable[[nn.Module, Batch], Tensor] = model_loss,
-        count_items: Callable[[Batch], int] = count_loss_items,
+        count_items: Callable[[Batch], int] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
@@ -155,7 +158,7 @@ class Trainer:
         self.data_collator = data_collator
         self.eval_fn = eval_fn
         self.compute_loss = compute_loss
-        self.count_items = count_items
+        self.count_items = count_items or partial(count_loss_items, shifted=shifts_labels(model))
         self.callbacks = list(callbacks)
         self.global_batch_size = args.train_batch_size * self.world_size
         self.steps_per_epoch = math.ceil(
@@ -218,6 +221,11 @@ class Trainer:
         """
         counts = [self.count_items(batch) for batch in micro_batches]
         (total,) = all_reduce_sum(sum(counts))
+        if total == 0:
+            raise ValueError(
+                f"optimizer step {self.step + 1} has no item to learn from: every label of its "
+                f"batches is -100 (ignored)"
+            )
         loss_sum = torch.zeros((), device=self.device)
         last = len(micro_batches) - 1
         for i, (batch, count) in enumerate(zip(micro_batches, counts, strict=True)):
@@ -225,6 +233,11 @@ class Trainer:
             with nullcontext() if syncing else self.model_wrapped.no_sync():
                 with autocast(self.precision, self.device):
                     loss = self.compute_loss(self.model_wrapped, to_device(batch, self.device))
+                if not isinstance(loss, Tensor):
+                    raise ValueError(
+                        f"compute_loss returned {loss!r}, not a loss tensor: with the default, "
+                        "model(**batch).loss, the examples need 'labels'"
+                    )
                 self.scaler.scale(loss * (count * self.world_size / total)).backward()
             loss_sum += loss.detach().float() * count
         return loss_sum / total
@@ -349,7 +362,9 @@ class Trainer:
         """Run ``eval_fn`` on the model now and report its metrics."""
         if self.eval_fn is None:
             raise ValueError("this Trainer has no eval_fn")
+        training = self.model.training
         metrics = self.eval_fn(self.model)
+        self.model.train(training)  # eval_fn may have switched dropout off
         self._emit({"step": self.step, **metrics})
         return metrics
 
