@@ -4,6 +4,7 @@ every broken folder gives an AdapterFileError that says what is wrong."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -286,10 +287,20 @@ def test_config_with_wrong_types(saved):
         load_adapter(build("llama"), saved)
 
 
-def test_wrong_shape_names_key_and_shapes(saved):
+@pytest.mark.parametrize(
+    "shape, difference",
+    [
+        ((32, 3), r"\(rank mismatch\)"),
+        ((16, 4), r"\(the adapter was trained on a model with other layer sizes\)"),
+        ((16, 3), r"\(rank mismatch, and the adapter was trained on a model with other layer"),
+    ],
+)
+def test_wrong_shape_names_key_shapes_and_what_differs(saved, shape, difference):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    _edit_tensors(saved, lambda t: t.__setitem__(key, torch.zeros(32, 3)))
-    with pytest.raises(AdapterFileError, match=r"q_proj\.lora_B\.weight: expected shape \(32, 4\)"):
+    _edit_tensors(saved, lambda t: t.__setitem__(key, torch.zeros(shape)))
+    found = re.escape(str(shape))
+    expected = rf"q_proj\.lora_B\.weight: expected shape \(32, 4\), found {found} {difference}"
+    with pytest.raises(AdapterFileError, match=expected):
         load_adapter(build("llama"), saved)
 
 

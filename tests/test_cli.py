@@ -15,7 +15,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from torchdora.cli import main
+from torchdora.cli import FLAGS, _read_config_file, main
+from torchdora.finetune import METHODS, TASKS
+from torchdora.quantization import QUANTIZATION_METHODS
+from torchdora.train.precision import PRECISIONS
+from torchdora.train.progress import PROGRESS_MODES
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -117,6 +121,24 @@ def test_evaluate_predict_inspect_analyze(tiny, tmp_path, capsys):
     assert (out / "decomposition.png").is_file() and (out / "loss.png").is_file()
 
 
+def test_evaluate_and_predict_without_model_use_the_runs_model(tiny, tmp_path, monkeypatch, capsys):
+    """The adapter records the run's model folder, found from any folder though `--model` was
+    relative; without `--model` that folder is loaded, not the bundled MiniLM."""
+    monkeypatch.chdir(tiny)
+    out = tmp_path / "run"
+    assert finetune(tiny, out, "--model", "model") == 0
+    monkeypatch.chdir(tmp_path)
+    adapter = str(out / "adapter")
+    data = ["--data", str(tiny / "data.csv"), "--label-column", "topic"]
+    assert main(["evaluate", "--model", str(tiny / "model"), "--adapter", adapter, *data]) == 0
+    expected = capsys.readouterr().out.splitlines()[-1]
+    assert expected.startswith("accuracy ")
+    assert main(["evaluate", "--adapter", adapter, *data]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    assert main(["predict", "--adapter", adapter, "w1 w2"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] in {"a", "b", "c"}
+
+
 def test_config_file_and_flag_override(tiny, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('method = "lora"\nrank = 2\nmax-steps = 3\n')
@@ -125,6 +147,38 @@ def test_config_file_and_flag_override(tiny, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "lora" and metrics["steps"] == 2
     assert json.loads((out / "config.json").read_text())["rank"] == 2
+
+
+def test_finetune_help_describes_every_flag_with_its_allowed_values(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping: each flag's description on one line
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    described = {}  # flag (without --) -> the words after it and its metavar
+    for entry in capsys.readouterr().out.split("\n  --")[1:]:
+        flag, *words = entry.split()
+        described[flag] = words[0 if flag == "overwrite" else 1 :]
+    assert set(described) == {name.replace("_", "-") for name in FLAGS} | {"config", "compare"}
+    assert all(described.values()), [flag for flag, words in described.items() if not words]
+    allowed = {
+        "task": TASKS,
+        "method": METHODS,
+        "precision": PRECISIONS,
+        "quantize": QUANTIZATION_METHODS,
+        "progress": PROGRESS_MODES,
+    }
+    for flag, values in allowed.items():
+        assert all(value in " ".join(described[flag]) for value in values), flag
+
+
+def test_yaml_config_reads_numbers_with_an_exponent_as_floats(tmp_path):
+    """As YAML 1.2 does; PyYAML alone (YAML 1.1) reads `1e-3` as a string."""
+    yaml = pytest.importorskip("yaml")
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 1e-3\nmagnitude_lr: 2E+2\nrank: 8\nmodel: '1e-3'\n")
+    values = _read_config_file(str(config))
+    assert values == {"lr": 0.001, "magnitude_lr": 200.0, "rank": 8, "model": "1e-3"}
+    assert type(values["rank"]) is int
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # PyYAML's own loader is unchanged
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,21 @@ import torch
 from torch import nn
 
 from reference import naive_dora_linear, rel_err
-from torchdora import DoRAConfig, DoRALinear, apply_dora, dora_modules
+from torchdora import (
+    DoRAConfig,
+    DoRALinear,
+    apply_dora,
+    count_trainable_parameters,
+    dora_modules,
+)
 from torchdora.io import load_adapter, save_adapter
 from torchdora.layers.quantized import QuantizedDoRALinear
-from torchdora.quantization import QUANTIZATION_METHODS, backend_for, quantize_linear
+from torchdora.quantization import (
+    QUANTIZATION_METHODS,
+    backend_for,
+    quantize_linear,
+    quantize_model,
+)
 
 PACKAGE = {m: "bitsandbytes" if m.startswith("bnb-") else "torchao" for m in QUANTIZATION_METHODS}
 TOL = 1e-5  # float32 against float64 (DESIGN.md §3)
@@ -517,3 +528,28 @@ def test_apply_dora_picks_quantized_kind_and_adapter_round_trips(method, tmp_pat
     x = torch.randn(5, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def _mlp(method: str | None = None) -> nn.Module:
+    """Two Linear layers in shapes every method takes, quantized by ``method`` if given."""
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT), nn.ReLU(), nn.Linear(D_OUT, D_IN))
+    if method is not None:
+        pytest.importorskip(PACKAGE[method])
+        quantize_model(model, method)
+    return model
+
+
+@pytest.mark.parametrize("method", QUANTIZATION_METHODS)
+def test_parameter_count_is_the_unquantized_models(method):
+    """A packed weight (bitsandbytes 4-bit: two a byte) counts the weights it stands for."""
+    config = DoRAConfig(target_modules=["0", "2"], rank=RANK)
+    expected = count_trainable_parameters(apply_dora(_mlp(), config))
+    assert count_trainable_parameters(apply_dora(_mlp(method), config)) == expected
+
+
+def test_parameter_count_matches_peft_on_a_4bit_base():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=RANK, target_modules=["0", "2"], use_dora=True)
+    expected = peft.get_peft_model(_mlp("bnb-nf4"), config).get_nb_trainable_parameters()
+    ours = apply_dora(_mlp("bnb-nf4"), DoRAConfig(target_modules=["0", "2"], rank=RANK))
+    assert count_trainable_parameters(ours) == expected

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,35 +18,53 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-FLAG_TYPES = {  # finetune flags: name -> type (also the config-file keys)
-    "task": str,
-    "method": str,
-    "rank": int,
-    "alpha": float,
-    "dropout": float,
-    "targets": str,
-    "model": str,
-    "data": str,
-    "text_column": str,
-    "label_column": str,
-    "test_size": float,
-    "max_length": int,
-    "epochs": int,
-    "max_steps": int,
-    "lr": float,
-    "magnitude_lr": float,
-    "loraplus_ratio": float,
-    "batch_size": int,
-    "grad_accum": int,
-    "precision": str,
-    "seed": int,
-    "eval_steps": int,
-    "save_steps": int,
-    "quantize": str,
-    "output": str,
-    "resume": str,
-    "overwrite": bool,
-    "progress": str,
+from torchdora.finetune import METHODS, TASKS
+from torchdora.quantization import QUANTIZATION_METHODS
+from torchdora.train.optim import RECOMMENDED_MAGNITUDE_LR_RATIO
+from torchdora.train.precision import PRECISIONS
+from torchdora.train.progress import PROGRESS_MODES
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return "|".join(values)
+
+
+FLAGS: dict[str, tuple[type, str]] = {  # finetune flags: name -> (type, help); config-file keys
+    "task": (str, f"{_one_of(TASKS)}: classify texts, or tune a chat model on conversations"),
+    "method": (str, f"{_one_of(METHODS)} (the last two are baselines)"),
+    "rank": (int, "adapter rank r"),
+    "alpha": (float, "adapter scale numerator (the update is scaled by alpha/r)"),
+    "dropout": (float, "dropout on the adapter's input"),
+    "targets": (
+        str,
+        "modules to adapt: names separated by commas, all-linear, or a regular expression "
+        "(default: per architecture)",
+    ),
+    "model": (str, "local transformers model folder (default: the bundled model of the task)"),
+    "data": (str, "CSV/TSV/JSONL file (default: the bundled data of the task)"),
+    "text_column": (str, "column of --data holding the texts"),
+    "label_column": (str, "column of --data holding the labels"),
+    "test_size": (float, "fraction of the data held out for evaluation"),
+    "max_length": (int, "tokens per text (longer texts are truncated)"),
+    "epochs": (int, "passes over the training data (ignored with --max-steps)"),
+    "max_steps": (int, "optimizer steps of the run"),
+    "lr": (float, "learning rate"),
+    "magnitude_lr": (
+        float,
+        f"learning rate of DoRA's magnitude (default: {RECOMMENDED_MAGNITUDE_LR_RATIO:g} x --lr)",
+    ),
+    "loraplus_ratio": (float, "LoRA+: lora_B's learning rate is this times --lr (1: off)"),
+    "batch_size": (int, "examples per micro-batch"),
+    "grad_accum": (int, "micro-batches per optimizer step"),
+    "precision": (str, _one_of(PRECISIONS)),
+    "seed": (int, "random seed (new weights, data order)"),
+    "eval_steps": (int, "evaluate every this many steps (default: at the end only)"),
+    "save_steps": (int, "write the checkpoint every this many steps (default: at the end only)"),
+    "quantize": (str, f"quantize every Linear but the head first: {_one_of(QUANTIZATION_METHODS)}"),
+    "output": (str, "run folder to write (default: write nothing)"),
+    "resume": (str, "checkpoint/ folder of an earlier run to continue"),
+    "overwrite": (bool, "remove an earlier run's files from --output first"),
+    "progress": (str, f"{_one_of(PROGRESS_MODES)} (auto: a bar on a terminal, else lines)"),
 }
 #: Set in the environment of a ``--compare`` run, whose parent reports an interrupt.
 COMPARE_RUN = "TORCHDORA_COMPARE_RUN"
@@ -63,12 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         "--task causal-lm a chat model (default: SmolLM2-135M-Instruct on the ChatterBot corpus)",
         argument_default=argparse.SUPPRESS,
     )
-    for name, kind in FLAG_TYPES.items():
+    for name, (kind, text) in FLAGS.items():
         flag = "--" + name.replace("_", "-")
         if kind is bool:
-            finetune.add_argument(flag, dest=name, action="store_true")
+            finetune.add_argument(flag, dest=name, action="store_true", help=text)
         else:
-            finetune.add_argument(flag, dest=name, type=kind)
+            finetune.add_argument(flag, dest=name, type=kind, help=text)
     finetune.add_argument(
         "--config", dest="config_file", help="TOML/JSON/YAML file with the same keys"
     )
@@ -77,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="held-out accuracy of a saved adapter or model")
     predict = sub.add_parser("predict", help="classify a few texts with a saved adapter or model")
     for command in (evaluate, predict):
-        command.add_argument("--model", help="model folder (default: the bundled MiniLM)")
+        command.add_argument(
+            "--model",
+            help="model folder (default: the adapter's base model folder, if it exists, "
+            "else the bundled MiniLM)",
+        )
         command.add_argument("--adapter", help="a run's adapter/ folder")
         command.add_argument("--max-length", dest="max_length", type=int, default=128)
     evaluate.add_argument("--data", help="CSV/TSV/JSONL to evaluate on (default: held-out split)")
@@ -104,6 +127,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_yaml(text: str) -> Any:
+    """``text`` read by PyYAML's safe loader, with YAML 1.2's floats: PyYAML follows YAML 1.1,
+    whose floats need a dot and a signed exponent, so ``1e-3`` would be the string ``'1e-3'``."""
+    import yaml  # optional: only for YAML config files
+
+    class Loader(yaml.SafeLoader):  # adding a resolver to SafeLoader itself would be global
+        pass
+
+    # Added after the int resolver, which therefore still claims exponent-free integers.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+        list("-+.0123456789"),
+    )
+    return yaml.load(text, Loader=Loader)
+
+
 def _read_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
@@ -115,9 +155,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
             values = tomllib.loads(text)
         elif file.suffix.lower() in (".yaml", ".yml"):
-            import yaml  # optional: only for YAML config files
-
-            values = yaml.safe_load(text)
+            values = _load_yaml(text)
         else:
             values = json.loads(text)
     except ImportError:

@@ -16,8 +16,6 @@ import dataclasses
 import json
 import re
 import resource
-import types
-import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +30,7 @@ from torchdora.analysis import (
 from torchdora.config import ALL_LINEAR, DoRAConfig
 from torchdora.distributed import is_main_process
 from torchdora.io import AdapterFileError, load_adapter, save_adapter, save_merged
+from torchdora.io.files import read_config
 from torchdora.io.peft_format import PREFIX
 from torchdora.model import apply_dora, count_trainable_parameters
 from torchdora.model.targeting import find_targets, name_matches
@@ -53,6 +52,7 @@ from torchdora.train import (
     tokenize_classification,
     train_test_split,
 )
+from torchdora.train.arguments import field_type_problem
 
 if TYPE_CHECKING:
     from torch import nn
@@ -179,12 +179,9 @@ class FinetuneConfig:
         """Raise ``ValueError`` for the first of ``values`` (settings by name, with ``-`` or
         ``_``) that does not have its field's declared type; unknown names are left to
         :meth:`from_dict`. An int is a float too, a bool neither."""
-        hints = typing.get_type_hints(cls)
-        declared = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "extra"}
-        for key, value in values.items():
-            name = str(key).replace("-", "_")
-            if name in declared and not _has_type(value, hints[name]):
-                raise ValueError(f"{key} must be {declared[name]}, got {value!r}")
+        problem = field_type_problem(cls, {k: v for k, v in values.items() if k != "extra"})
+        if problem:
+            raise ValueError(problem)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
@@ -226,18 +223,6 @@ class FinetuneConfig:
             metrics_file=str(out / METRICS_FILE) if out else None,
             progress=self.progress,
         )
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    """Whether ``value`` has the type ``hint`` (a class, ``list[str]`` or a union of them):
-    an int is a float too, a bool neither; list items are checked by their users."""
-    if isinstance(hint, types.UnionType):
-        return any(_has_type(value, option) for option in typing.get_args(hint))
-    if isinstance(value, bool):
-        return hint is bool
-    if hint is float:
-        return isinstance(value, int | float)
-    return isinstance(value, typing.get_origin(hint) or hint)
 
 
 def parse_targets(text: str) -> list[str] | str:
@@ -441,7 +426,8 @@ def run_classification(
         "label_names": data.label_names,
     }
     if output is not None:
-        adapter = write_run(output, config, model, tokenizer, results)
+        base = str(Path(model_dir).resolve())  # evaluate/predict find it from any folder
+        adapter = write_run(output, config, model, tokenizer, results, base)
         if adapter is not None:
             (adapter / LABELS_FILE).write_text(json.dumps(results["label_names"]) + "\n")
         log(f"wrote {describe_run(output, adapter)}")
@@ -480,17 +466,17 @@ def load_classifier(model: str | None, adapter: str | None, max_length: int = 12
     """``(model, tokenizer, label_names, max_length)`` for evaluation/prediction, ``max_length``
     cut to the model's positions.
 
-    ``model`` is a folder (``None``: the bundled MiniLM); with ``adapter`` (a run's
+    ``model`` is a folder (``None``: see :func:`model_folder`); with ``adapter`` (a run's
     ``adapter/`` folder) the adapter is loaded on top and the class names come from its
     ``labels.json``; without, they come from the model's ``config.json`` (e.g. a run's
     ``merged/`` folder).
     """
     check_max_length(max_length)  # before the model is loaded
-    model_dir = Path(model) if model else bundled_model_path()
     if adapter is not None:
         labels_path = Path(adapter) / LABELS_FILE
         label_names = read_label_names(labels_path)
-    else:
+    model_dir = model_folder(model, adapter)
+    if adapter is None:
         config_path = model_dir / "config.json"
         if not config_path.is_file():
             raise ValueError(f"{model_dir} is not a transformers model folder (no config.json)")
@@ -515,6 +501,17 @@ def load_classifier(model: str | None, adapter: str | None, max_length: int = 12
         label_names,
         fit_max_length(max_length, classifier, tokenizer),
     )
+
+
+def model_folder(model: str | None, adapter: str | None) -> Path:
+    """The folder to load: ``model``; without it, the local folder ``adapter``'s config records
+    as its base model (``base_model_name_or_path``) if it exists, else the bundled MiniLM."""
+    if model:
+        return Path(model)
+    base = read_config(adapter).get("base_model_name_or_path") if adapter is not None else None
+    if isinstance(base, str) and Path(base).is_dir():
+        return Path(base)
+    return bundled_model_path()
 
 
 def read_label_names(path: Path) -> list[str]:

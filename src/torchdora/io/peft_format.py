@@ -45,6 +45,7 @@ _SUFFIXES = {
     "lora_magnitude_vector": "magnitude",
 }
 _FACTORS = ("lora_A", "lora_B", "magnitude")  # a LoRA layer's magnitude is None
+_RANK_AXIS = {"lora_A": 0, "lora_B": 1}  # in PEFT's shapes (peft_layout)
 _BIAS_MODES = {"none": "none", "all": "all", "dora_only": "lora_only"}
 
 
@@ -331,6 +332,18 @@ def split_peft_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _shape_difference(param: str, expected: tuple[int, ...], found: tuple[int, ...]) -> str:
+    """What differs between the shape a ``param`` tensor needs and the one found."""
+    other_sizes = "the adapter was trained on a model with other layer sizes"
+    axis = _RANK_AXIS.get(param)
+    if axis is None or len(found) != len(expected) or found[axis] == expected[axis]:
+        return other_sizes
+    same_sizes = all(
+        f == e for i, (f, e) in enumerate(zip(found, expected, strict=True)) if i != axis
+    )
+    return "rank mismatch" if same_sizes else f"rank mismatch, and {other_sizes}"
+
+
 def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Copy PEFT-keyed ``tensors`` into ``model``'s adapters; every key must find its place.
 
@@ -351,8 +364,8 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
                 continue
             if tuple(value.shape) != where.shape:
                 raise AdapterFileError(
-                    f"{key}: expected shape {where.shape}, found {tuple(value.shape)}"
-                    + (" (rank mismatch)" if param in ("lora_A", "lora_B") else "")
+                    f"{key}: expected shape {where.shape}, found {tuple(value.shape)} "
+                    f"({_shape_difference(param, where.shape, tuple(value.shape))})"
                 )
             targets[key] = (getattr(layers[path], param), value)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,9 +88,19 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter elements of ``model`` (shared parameters counted once)."""
+    """``(trainable, total)`` weights of ``model`` (shared parameters counted once).
+
+    A quantized weight counts the weights it stands for, not the elements of its packed storage.
+    """
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(_weights(p) for p in params if p.requires_grad), sum(_weights(p) for p in params)
+
+
+def _weights(param: nn.Parameter) -> int:
+    # A quantized bitsandbytes 4-bit weight (Params4bit) packs two weights a byte; its quant
+    # state keeps the weight's own shape (None until bitsandbytes quantizes it).
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None else param.numel()
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
