@@ -53,6 +53,8 @@ def run_one(args: argparse.Namespace, method: str, rank: int, seed: int) -> dict
 
 
 def mean_std(values: list[float]) -> str:
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 

@@ -39,11 +39,11 @@ SQRT2 = math.sqrt(2.0)
 
 # ----------------------------------------------------------------------------- the reference
 def reference_change(W0: torch.Tensor, V: torch.Tensor, m: torch.Tensor | None = None):
-    """ΔM, ΔD from dense rows in float64: ``m`` (default ‖V_i‖) against ‖W0_i‖, V against W0."""
+    """ΔM, ΔD from dense rows in float64 between W0 and W' = m·V/‖V‖ (default: W' = V)."""
     W0, V = W0.double(), V.double()
-    new_m = V.norm(dim=1) if m is None else m.double()
-    delta_m = (new_m - W0.norm(dim=1)).abs().mean().item()
-    delta_d = (1 - F.cosine_similarity(V, W0, dim=1, eps=0.0)).mean().item()
+    W1 = V if m is None else m.double().unsqueeze(1) * V / V.norm(dim=1, keepdim=True)
+    delta_m = (W1.norm(dim=1) - W0.norm(dim=1)).abs().mean().item()
+    delta_d = (1 - F.cosine_similarity(W1, W0, dim=1, eps=0.0)).mean().item()
     return delta_m, delta_d
 
 
@@ -121,6 +121,12 @@ def test_dora_rescaling_changes_magnitude_only():
     assert_change(change_of(model), (1.0, 0.0))  # mean(|7-5|, |2-2|)
 
 
+def test_dora_negative_magnitude_reverses_the_row():
+    # W'_0 = -5·(0.6, 0.8) = -W_0: same norm, opposite direction (1 - cos = 2)
+    model = hand_built(True, **SCALE, magnitude=[-5.0, 2.0])
+    assert_change(change_of(model), (0.0, 1.0))
+
+
 def test_lora_rescaling_changes_magnitude_by_the_row_norms():
     assert_change(change_of(hand_built(False, **SCALE)), (2.5, 0.0))  # ‖V‖ = 10, 2
 
@@ -140,7 +146,7 @@ def randomize(layer, b_std: float) -> None:
         layer.lora_A.normal_()
         layer.lora_B.normal_(std=b_std)
         if layer.magnitude is not None:
-            layer.magnitude.mul_(torch.empty_like(layer.magnitude).uniform_(0.5, 1.5))
+            layer.magnitude.mul_(torch.empty_like(layer.magnitude).uniform_(-0.5, 1.5))
 
 
 def conv1d_layer():

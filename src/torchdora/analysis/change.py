@@ -101,13 +101,17 @@ def factored_change(
         lora_A: ``(r, fan_in)``.
         lora_B: ``(d_out, r)``.
         scaling: ``s``.
-        magnitude: DoRA's ``m`` (the new magnitude); ``None`` for LoRA, whose new magnitude is
-            ``‖V_i‖``.
+        magnitude: DoRA's ``m``, whose row ``i`` makes ``W'_i = m_i·V_i/‖V_i‖`` (new magnitude
+            ``|m_i|``, direction reversed where ``m_i < 0``); ``None`` for LoRA, whose new
+            magnitude is ``‖V_i‖``.
     """
     c = weight_sq_norm.to(torch.float64)
     P = weight_a.to(torch.float64)
     A, B = lora_A.detach().to(torch.float64), lora_B.detach().to(torch.float64)
     new_norm = DF.factored_row_norm(c, P, A, B, scaling, eps=0.0)
     dot = c + scaling * (B * P).sum(dim=1)
-    new_magnitude = new_norm if magnitude is None else magnitude.detach().to(torch.float64)
-    return _change(c.sqrt(), new_norm, dot, new_magnitude)
+    if magnitude is None:
+        return _change(c.sqrt(), new_norm, dot, new_norm)
+    # W'_i = m_i·V_i/‖V_i‖: its norm is |m_i|, and a negative m_i turns it around.
+    m = magnitude.detach().to(torch.float64)
+    return _change(c.sqrt(), new_norm, dot * m.sign(), m.abs())
