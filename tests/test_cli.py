@@ -504,8 +504,8 @@ def test_commands_reading_a_run_name_bad_input_in_one_line(tiny, tmp_path, capsy
     fails(["evaluate", "--model", model, "--adapter", str(adapter), "--max-length", "1"],
           "max_length must be at least 2")  # fmt: skip
     fails(["inspect", str(a_file)], "is a file, not a folder")
-    fails(["analyze", str(a_file)], "is a file, not a directory")
-    fails(["analyze", str(out), "--out", str(a_file)], "is a file, not a directory")
+    fails(["analyze", str(a_file)], "is a file, not a folder")
+    fails(["analyze", str(out), "--out", str(a_file)], "is a file, not a folder")
     fails(["analyze", str(out), "--out", str(a_file / "plots")], "Not a directory")
     labels = adapter / "labels.json"
     for text, message in [

@@ -30,7 +30,7 @@ from torchdora.analysis import (
 from torchdora.config import ALL_LINEAR, DoRAConfig
 from torchdora.distributed import is_main_process
 from torchdora.io import AdapterFileError, load_adapter, save_adapter, save_merged
-from torchdora.io.files import read_config
+from torchdora.io.files import not_a_folder, read_config
 from torchdora.io.peft_format import PREFIX
 from torchdora.model import apply_dora, count_trainable_parameters
 from torchdora.model.targeting import find_targets, name_matches
@@ -351,8 +351,9 @@ def run_finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> 
     if not is_main_process():
         log = _silent
     if config.resume and not Path(config.resume).is_dir():
-        problem = "is a file, not a folder" if Path(config.resume).exists() else "does not exist"
-        raise ValueError(f"--resume: checkpoint folder {config.resume} {problem}")
+        raise ValueError(
+            f"--resume: checkpoint folder {config.resume} {not_a_folder(config.resume)}"
+        )
     resume, overwrite = config.resume is not None, config.overwrite
     with run_folder(config.output, resume=resume, overwrite=overwrite) as output:
         if config.task == "causal-lm":

@@ -14,6 +14,7 @@ from torchdora.analysis.records import (
     read_decomposition,
     read_loss_curves,
 )
+from torchdora.io.files import not_a_folder
 
 DECOMPOSITION_PLOT = "decomposition.png"
 LOSS_PLOT = "loss.png"
@@ -34,10 +35,9 @@ def analyze_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLi
         raise ValueError("no run directories given")
     for run in runs:
         if not run.is_dir():
-            problem = "is a file, not a directory" if run.exists() else "does not exist"
-            raise FileNotFoundError(f"run directory {str(run)!r} {problem}")
+            raise FileNotFoundError(f"run folder {str(run)!r} {not_a_folder(run)}")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise FileExistsError(f"output directory {str(out_dir)!r} is a file, not a directory")
+        raise FileExistsError(f"output folder {str(out_dir)!r} {not_a_folder(out_dir)}")
     names = [run.name for run in runs]
     labels = names if len(set(names)) == len(names) else [str(run) for run in runs]
     records, curves = [], {}

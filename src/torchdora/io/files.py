@@ -139,12 +139,16 @@ def read_adapter_folder(
     return config, tensors, metadata
 
 
+def not_a_folder(path: str | os.PathLike) -> str:
+    """Why ``path``, which is no folder, cannot be used as one, for an error message."""
+    return "is a file, not a folder" if Path(path).exists() else "does not exist"
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in ``folder/adapter_config.json``."""
     path = Path(folder) / CONFIG_NAME
     if not Path(folder).is_dir():
-        problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
-        raise AdapterFileError(f"adapter folder {folder} {problem}")
+        raise AdapterFileError(f"adapter folder {folder} {not_a_folder(folder)}")
     if not path.is_file():
         raise AdapterFileError(f"{path} is missing: not an adapter folder")
     try:
