@@ -18,8 +18,27 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from torchdora.finetune import METHODS, TASKS
+# torchdora.finetune (imported for the flags' help) loads all of these anyway.
+from torchdora.analysis import (
+    DECOMPOSITION_FILE,
+    analyze_runs,
+    method_correlations,
+    read_decomposition,
+)
+from torchdora.distributed import init_from_environment, launched_with_ranks
+from torchdora.finetune import (
+    METHODS,
+    TASKS,
+    FinetuneConfig,
+    evaluate_saved,
+    run_finetune,
+)
+from torchdora.finetune import (
+    predict as predict_labels,  # `predict` names a subparser in _parser
+)
+from torchdora.io import inspect_adapter
 from torchdora.quantization import QUANTIZATION_METHODS
+from torchdora.run_folder import check_run_folder
 from torchdora.train.optim import RECOMMENDED_MAGNITUDE_LR_RATIO
 from torchdora.train.precision import PRECISIONS
 from torchdora.train.progress import PROGRESS_MODES
@@ -164,8 +183,6 @@ def _read_config_file(path: str) -> dict[str, Any]:
         raise ValueError(f"--config: {file} cannot be parsed: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config: {file} must hold a table of settings")
-    from torchdora.finetune import FinetuneConfig
-
     try:
         FinetuneConfig.check_types(values)
     except ValueError as err:
@@ -175,9 +192,6 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def _finetune(args: argparse.Namespace) -> int:
     import torch.distributed
-
-    from torchdora.distributed import init_from_environment, launched_with_ranks
-    from torchdora.finetune import FinetuneConfig, run_finetune
 
     flags = vars(args).copy()
     config_file, compare = flags.pop("config_file", None), flags.pop("compare", None)
@@ -201,9 +215,6 @@ def _finetune(args: argparse.Namespace) -> int:
 def _compare(values: dict[str, Any], methods: list[str]) -> int:
     """Train each method in a fresh process (so peak memory is its own) with the same seed,
     data and budget, then print a side-by-side table."""
-    from torchdora.finetune import FinetuneConfig
-    from torchdora.run_folder import check_run_folder
-
     if values.get("task", "classification") != "classification":
         raise ValueError("--compare tabulates accuracy: it supports --task classification only")
     if not methods:
@@ -280,8 +291,6 @@ def _compare_interrupted(signum: int, method: str, run: Path) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from torchdora.finetune import evaluate_saved
-
     metrics = evaluate_saved(
         args.model,
         args.adapter,
@@ -295,9 +304,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from torchdora.finetune import predict
-
-    labels = predict(args.model, args.adapter, args.texts, args.max_length)
+    labels = predict_labels(args.model, args.adapter, args.texts, args.max_length)
     for text, (label, prob) in zip(args.texts, labels, strict=True):
         print(f"{label}\t{prob:.3f}\t{text[:80]}")
     return 0
@@ -322,20 +329,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from torchdora.io import inspect_adapter
-
     print(inspect_adapter(args.path))
     return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from torchdora.analysis import (
-        DECOMPOSITION_FILE,
-        analyze_runs,
-        method_correlations,
-        read_decomposition,
-    )
-
     out = Path(args.out or args.runs[0])
     for path in analyze_runs(args.runs, out):
         print(f"wrote {path}")
@@ -380,7 +378,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if as_program and args.command == "finetune":
-        from torchdora.distributed import launched_with_ranks
         from torchdora.train.allocator import keep_freed_memory
 
         # The process is ours: keep memory between training steps. Not under torchrun: there
