@@ -86,12 +86,6 @@ def test_model_step_on_a_one_layer_llama(tmp_path):
     assert set(result["median_s"]) == {"lora", "dora"}
 
 
-def test_thread_rule(tmp_path):
-    payload = run("thread_rule.py", *TINY, tmp_path=tmp_path)
-    assert [r["part"] for r in payload["results"]] == ["norm", "weight_a", "passes"]
-    assert all(r["rule"] == "one" for r in payload["results"])  # every part is tiny here
-
-
 def test_cuda_path_skips_cleanly_without_cuda(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_EPS, DEFAULT_RANK
 from torchdora.layers.base import check_adapter_args
 
 BIAS_MODES = ("none", "all", "dora_only")
@@ -46,16 +47,16 @@ class DoRAConfig:
             (``A ~ N(0, 1/r²)``); ``B = 0`` either way, so the model starts unchanged.
     """
 
-    rank: int = 8
-    alpha: float | None = 16.0
-    dropout: float = 0.0
+    rank: int = DEFAULT_RANK
+    alpha: float | None = DEFAULT_ALPHA
+    dropout: float = DEFAULT_DROPOUT
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     use_dora: bool = True
     magnitude_trainable: bool = True
     use_rslora: bool = False
     detach_norm: bool = False
-    eps: float = 1e-8
+    eps: float = DEFAULT_EPS
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None

@@ -1,6 +1,7 @@
 """DoRA layer kinds: one ``nn.Module`` per kind of base layer, and the table choosing among them."""
 
-from torchdora.layers.base import DoRALayer, recommended_defaults
+from torchdora.defaults import recommended_defaults
+from torchdora.layers.base import DoRALayer
 from torchdora.layers.conv import DoRAConv
 from torchdora.layers.conv1d import DoRAConv1D
 from torchdora.layers.dispatch import LayerKind, layer_kind_for, register_layer_kind

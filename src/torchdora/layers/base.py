@@ -17,19 +17,14 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdRef
 
 from torchdora import functional as DF
+from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_EPS, DEFAULT_RANK
 from torchdora.distributed import copy_full_, full_tensor, is_dtensor, local_tensor
 
-RECOMMENDED_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "eps": 1e-8}
 #: the smallest norm floor whose square is a normal float32 (smaller ones floor at 0: NaN rows)
 MIN_EPS = math.sqrt(torch.finfo(torch.float32).tiny)
 
 #: Initialisations of ``A`` (``B`` always starts at 0, so every one reproduces the base layer).
 LORA_INITS = ("default", "gaussian")
-
-
-def recommended_defaults() -> dict[str, float]:
-    """The defaults torchdora recommends for a first run: rank 8, alpha 16, no dropout."""
-    return dict(RECOMMENDED_DEFAULTS)
 
 
 class _Stamp:
@@ -132,14 +127,14 @@ class DoRALayer(nn.Module):
         in_features: int,
         out_features: int,
         *,
-        rank: int = 8,
-        alpha: float | None = 16.0,
-        dropout: float = 0.0,
+        rank: int = DEFAULT_RANK,
+        alpha: float | None = DEFAULT_ALPHA,
+        dropout: float = DEFAULT_DROPOUT,
         use_rslora: bool = False,
         use_dora: bool = True,
         detach_norm: bool = False,
         freeze_base: bool = True,
-        eps: float = 1e-8,
+        eps: float = DEFAULT_EPS,
         init: str = "default",
     ) -> None:
         super().__init__()

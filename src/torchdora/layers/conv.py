@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchdora import functional as DF
+from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_RANK
 from torchdora.layers.base import DoRALayer
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -37,7 +38,11 @@ class DoRAConv(DoRALayer):
     """
 
     def __init__(
-        self, base_layer: ConvNd, rank: int = 8, alpha: float | None = 16.0, **options
+        self,
+        base_layer: ConvNd,
+        rank: int = DEFAULT_RANK,
+        alpha: float | None = DEFAULT_ALPHA,
+        **options,
     ) -> None:
         if not isinstance(base_layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             raise TypeError(f"DoRAConv expects an nn.Conv1d/2d/3d, got {type(base_layer).__name__}")

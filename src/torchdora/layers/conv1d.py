@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_RANK
 from torchdora.layers.linear import DoRALinear
 
 
@@ -26,7 +27,11 @@ class DoRAConv1D(DoRALinear):
     """
 
     def __init__(
-        self, base_layer: nn.Module, rank: int = 8, alpha: float | None = 16.0, **options
+        self,
+        base_layer: nn.Module,
+        rank: int = DEFAULT_RANK,
+        alpha: float | None = DEFAULT_ALPHA,
+        **options,
     ) -> None:
         weight = getattr(base_layer, "weight", None)
         if type(base_layer).__name__ != "Conv1D" or weight is None or weight.dim() != 2:

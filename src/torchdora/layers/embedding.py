@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchdora import functional as DF
+from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_RANK
 from torchdora.layers.base import DoRALayer
 
 
@@ -36,7 +37,11 @@ class DoRAEmbedding(DoRALayer):
     """
 
     def __init__(
-        self, base_layer: nn.Embedding, rank: int = 8, alpha: float | None = 16.0, **options
+        self,
+        base_layer: nn.Embedding,
+        rank: int = DEFAULT_RANK,
+        alpha: float | None = DEFAULT_ALPHA,
+        **options,
     ) -> None:
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from torchdora import functional as DF
+from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_EPS, DEFAULT_RANK
 from torchdora.layers.base import DoRALayer
 from torchdora.quantization import is_quantized_linear
 
@@ -39,8 +40,8 @@ class DoRALinear(DoRALayer):
         self,
         in_features: int,
         out_features: int,
-        rank: int = 8,
-        alpha: float | None = 16.0,
+        rank: int = DEFAULT_RANK,
+        alpha: float | None = DEFAULT_ALPHA,
         bias: bool = True,
         *,
         device: torch.device | str | None = None,
@@ -56,13 +57,13 @@ class DoRALinear(DoRALayer):
     def from_linear(
         cls,
         linear: nn.Linear,
-        rank: int = 8,
-        alpha: float | None = 16.0,
-        dropout: float = 0.0,
+        rank: int = DEFAULT_RANK,
+        alpha: float | None = DEFAULT_ALPHA,
+        dropout: float = DEFAULT_DROPOUT,
         use_rslora: bool = False,
         detach_norm: bool = False,
         freeze_base: bool = True,
-        eps: float = 1e-8,
+        eps: float = DEFAULT_EPS,
         **kwargs,
     ) -> DoRALinear:
         """Wrap ``linear`` (kept by reference, not copied); the result starts equal to it."""

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from torchdora import functional as DF
+from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_RANK
 from torchdora.layers.base import DoRALayer
 from torchdora.quantization import BACKENDS, CHUNK_ELEMENTS, backend_for
 
@@ -42,8 +43,8 @@ class QuantizedDoRALinear(DoRALayer):
     def __init__(
         self,
         base_layer: nn.Module,
-        rank: int = 8,
-        alpha: float | None = 16.0,
+        rank: int = DEFAULT_RANK,
+        alpha: float | None = DEFAULT_ALPHA,
         *,
         max_chunk_elements: int = CHUNK_ELEMENTS,
         **options,
