@@ -371,7 +371,7 @@ def _fsdp_meta_init(rank: int) -> None:
     set_model_state_dict(model, weights, options=options)  # the README's recipe
     model.unshard()  # the root unit's parameters, as its forward sees them
     with pytest.raises(RuntimeError, match="initialize_magnitude"):
-        model.embed.weight_sq_norm()
+        model.embed(torch.zeros(2, dtype=torch.long))
     model.reshard()
 
     torch.manual_seed(1)  # A drawn whole on every rank, each keeping its shard

@@ -165,7 +165,7 @@ def test_adapted_state_dict_renames_only_moved_modules():
     assert f"{q}.weight" not in renamed
     head = state["classifier.weight"]
     assert renamed["classifier.original_module.weight"] is head
-    assert renamed["classifier.module_to_save.weight"] is head
+    assert renamed["classifier.modules_to_save.default.weight"] is head
     key = "bert.embeddings.word_embeddings.weight"
     assert renamed[key] is state[key]
     assert set(renamed) <= set(model.state_dict())

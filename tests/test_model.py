@@ -37,7 +37,7 @@ def adapted(name: str, **overrides) -> tuple[nn.Module, nn.Module, dict]:
 
 
 def is_adapter_param(name: str) -> bool:
-    return name.rpartition(".")[2] in ADAPTER_PARAMS or ".module_to_save." in name
+    return name.rpartition(".")[2] in ADAPTER_PARAMS or ".modules_to_save." in name
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -151,7 +151,8 @@ def test_train_eval_state_dict_round_trip():
     assert not any(layer.training for _, layer in dora_modules(model))
     state = model.state_dict()
     name = "bert.encoder.layer.0.attention.self.query"
-    assert {f"{name}.{p}" for p in (*ADAPTER_PARAMS, "base_layer.weight")} <= set(state)
+    keys = [f"adapters.default.{p}" for p in ADAPTER_PARAMS] + ["base_layer.weight"]
+    assert {f"{name}.{key}" for key in keys} <= set(state)
     _, fresh, _ = adapted("bert")
     fresh.load_state_dict(state)
     with torch.no_grad():

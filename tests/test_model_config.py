@@ -179,8 +179,8 @@ def test_modules_to_save_trains_a_copy_and_unloads_it():
     wrapper = model.classifier
     assert isinstance(wrapper, ModulesToSaveWrapper)
     assert {n for n in trainable(model) if "classifier" in n} == {
-        "classifier.module_to_save.weight",
-        "classifier.module_to_save.bias",
+        "classifier.modules_to_save.default.weight",
+        "classifier.modules_to_save.default.bias",
     }
     perturb_adapters(model)
     inputs = example_inputs("bert")
@@ -219,9 +219,9 @@ def test_unsupported_kind_is_named_with_its_type():
 def test_applying_twice_is_refused():
     model = build("llama")
     apply_dora(model, DoRAConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already has a DoRA adapter"):
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         apply_dora(model, DoRAConfig(target_modules=["q_proj", "v_proj"]))
-    with pytest.raises(ValueError, match="already has a DoRA adapter"):
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         apply_dora(model, DoRAConfig(target_modules="all-linear"))
     apply_dora(model, DoRAConfig(target_modules=["v_proj"]))  # other modules: fine
     assert leaf_names(model) == ["q_proj", "v_proj"]

@@ -74,7 +74,7 @@ def test_minilm_adapt_train_merge(base_and_inputs):
     assert changed == {
         k
         for k in before
-        if k.endswith(("lora_A", "lora_B", "magnitude")) or ".module_to_save." in k
+        if k.endswith(("lora_A", "lora_B", "magnitude")) or ".modules_to_save." in k
     }
 
     model.eval()

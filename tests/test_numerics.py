@@ -41,7 +41,7 @@ from torchdora import (
     dora_modules,
 )
 from torchdora.io import AdapterFileError, load_adapter, save_adapter
-from torchdora.layers.base import MIN_EPS
+from torchdora.layers.adapter import MIN_EPS
 
 KINDS = ["linear", "conv", "embedding"]
 EXACT = [torch.float64, torch.float32]  # the dtypes layer_kinds.TOL holds to
@@ -379,7 +379,8 @@ def test_assert_finite_names_parameters_and_gradients():
     layer = model.get_submodule(name)
     with torch.no_grad():
         layer.lora_A.grad[0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match=rf"{name}\.lora_A \(gradient\): Inf"):
+    where = rf"{name}\.adapters\.default\.lora_A"
+    with pytest.raises(NonFiniteError, match=rf"{where} \(gradient\): Inf"):
         assert_finite(model)
     assert_finite(model, gradients=False)
     with torch.no_grad():
@@ -387,8 +388,8 @@ def test_assert_finite_names_parameters_and_gradients():
         model.model.layers[0].self_attn.q_proj.lora_B[0, 0] = float("-inf")
     with pytest.raises(NonFiniteError) as err:
         assert_finite(model, gradients=False)
-    assert "layers.0.self_attn.q_proj.lora_B: Inf" in str(err.value)
-    assert f"{name}.magnitude: NaN" in str(err.value)
+    assert "layers.0.self_attn.q_proj.adapters.default.lora_B: Inf" in str(err.value)
+    assert f"{name}.adapters.default.magnitude: NaN" in str(err.value)
 
 
 def test_check_finite_outputs_names_the_layer_that_produced_nan():

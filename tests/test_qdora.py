@@ -228,9 +228,9 @@ def test_base_is_frozen_and_adapter_is_float32(method):
     layer = QuantizedDoRALinear(base, rank=RANK)
     assert all(not p.requires_grad for p in base.parameters())
     assert {name for name, p in layer.named_parameters() if p.requires_grad} == {
-        "lora_A",
-        "lora_B",
-        "magnitude",
+        "adapters.default.lora_A",
+        "adapters.default.lora_B",
+        "adapters.default.magnitude",
     }
     assert layer.num_trainable_parameters() == RANK * (D_IN + D_OUT) + D_OUT
     assert all(p.dtype == torch.float32 for p in layer.adapter_parameters().values())
@@ -384,14 +384,14 @@ def test_merge_and_unload_returns_float_linear_with_adapted_output(method):
     assert not any(p.requires_grad for p in plain.parameters())
     assert rel_err(plain(x), ref_out) <= TOL
     assert rel_err(layer(x), ref_out) <= TOL  # the QDoRA layer is untouched
-    assert layer.merge_and_unload(torch.float64).weight.dtype == torch.float64
+    assert layer.merge_and_unload(dtype=torch.float64).weight.dtype == torch.float64
     layer.bias.requires_grad_(True)  # a trained bias (bias="all") stays trainable
     assert layer.merge_and_unload().bias.requires_grad
 
 
 def test_in_place_merge_is_refused():
     layer = adapted("bnb-nf4")
-    with pytest.raises(TypeError, match="merge_and_unload"):
+    with pytest.raises(RuntimeError, match=r"in place: .*merge_and_unload\(\) replaces"):
         layer.merge()
     assert not layer.merged
 

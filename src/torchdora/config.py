@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_EPS, DEFAULT_RANK
-from torchdora.layers.base import check_adapter_args
+from torchdora.layers.adapter import check_adapter_args
 
 BIAS_MODES = ("none", "all", "dora_only")
 ALL_LINEAR = "all-linear"

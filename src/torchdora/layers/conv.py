@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from torchdora import functional as DF
 from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_RANK
+from torchdora.layers.adapter import DoRAAdapter
 from torchdora.layers.base import DoRALayer
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -59,15 +60,16 @@ class DoRAConv(DoRALayer):
         # reshape() copies a channels_last kernel, so write through the parameter's own shape.
         self.base_weight.copy_(matrix.reshape(self.base_weight.shape))
 
-    def _low_rank(self, x: Tensor) -> Tensor:
+    def _low_rank(self, x: Tensor, adapter: DoRAAdapter) -> Tensor:
         """``B(A * x)`` with the base's geometry: ``(N, out_channels, *spatial_out)``."""
         base, weight = self.base_layer, self.base_weight
         groups = base.groups
-        lora_A = self.lora_A.to(x.dtype).view(self.rank, *weight.shape[1:])
+        lora_A = adapter.lora_A.to(x.dtype).view(adapter.rank, *weight.shape[1:])
         if groups > 1:  # every group sees the same A: r output channels per group
             lora_A = lora_A.repeat(groups, *([1] * (weight.dim() - 1)))
         after_a = base._conv_forward(x, lora_A, None)
-        kernel_1x1 = self.lora_B.to(x.dtype).view(*self.lora_B.shape, *([1] * (weight.dim() - 2)))
+        lora_B = adapter.lora_B
+        kernel_1x1 = lora_B.to(x.dtype).view(*lora_B.shape, *([1] * (weight.dim() - 2)))
         return _CONV_FN[weight.dim() - 2](after_a, kernel_1x1, groups=groups)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,13 +82,14 @@ class DoRAConv(DoRALayer):
                 f"spatial dims (its base {type(base).__name__}'s), got shape {tuple(x.shape)}"
             )
         self._check_dtype(x)
-        if self._runs_base_only():
+        adapter = self._computing_adapter()
+        if adapter is None:
             return base(x)
-        lora_input = self._lora_input(x)
-        low_rank = self._low_rank(x if lora_input is None else lora_input)
-        if not self.use_dora:
-            return base(x) + self.scaling * low_rank
+        lora_input = self._lora_input(x, adapter)
+        low_rank = self._low_rank(x if lora_input is None else lora_input, adapter)
+        if not adapter.use_dora:
+            return base(x) + adapter.scaling * low_rank
         channel_view = (-1,) + (1,) * (self.base_weight.dim() - 2)  # broadcast over spatial dims
-        direction = base._conv_forward(x, self.base_weight, None) + self.scaling * low_rank
+        direction = base._conv_forward(x, self.base_weight, None) + adapter.scaling * low_rank
         bias = None if base.bias is None else base.bias.view(channel_view)
-        return DF.rescale(direction, self.magnitude_scale().view(channel_view), bias)
+        return DF.rescale(direction, self.magnitude_scale(adapter).view(channel_view), bias)

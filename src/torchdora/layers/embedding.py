@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from torchdora import functional as DF
 from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_RANK
+from torchdora.layers.adapter import DoRAAdapter
 from torchdora.layers.base import DoRALayer
 
 
@@ -65,21 +66,23 @@ class DoRAEmbedding(DoRALayer):
     def weight_matrix(self, weight: Tensor | None = None) -> Tensor:
         return (self.base_weight if weight is None else weight).T
 
-    def reset_lora_factors(self) -> None:
-        nn.init.zeros_(self.lora_A)
-        nn.init.normal_(self.lora_B)
+    def reset_lora_factors(self, adapter: DoRAAdapter | None = None) -> None:
+        adapter = adapter or self.get_adapter()
+        nn.init.zeros_(adapter.lora_A)
+        nn.init.normal_(adapter.lora_B)
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
         result = base(x)
-        if self._runs_base_only():
+        adapter = self._computing_adapter()
+        if adapter is None:
             return result
-        after_a = F.embedding(x, self.lora_A.T, padding_idx=base.padding_idx)
-        low_rank = after_a.to(result.dtype) @ self.lora_B.to(result.dtype).T
+        after_a = F.embedding(x, adapter.lora_A.T, padding_idx=base.padding_idx)
+        low_rank = after_a.to(result.dtype) @ adapter.lora_B.to(result.dtype).T
         embed_scale = getattr(base, "embed_scale", None)
         if embed_scale is not None:
             low_rank = low_rank * embed_scale
-        direction = result + self.scaling * low_rank
-        if not self.use_dora:
+        direction = result + adapter.scaling * low_rank
+        if not adapter.use_dora:
             return direction
-        return DF.rescale(direction, self.magnitude_scale())
+        return DF.rescale(direction, self.magnitude_scale(adapter))

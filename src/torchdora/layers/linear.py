@@ -91,31 +91,32 @@ class DoRALinear(DoRALayer):
     def forward(self, x: Tensor) -> Tensor:
         self._check_features(x)
         self._check_dtype(x)
-        weight, bias = self.base_weight, self.base_layer.bias
-        if self._runs_base_only():
+        adapter = self._computing_adapter()
+        if adapter is None:
             return self.base_layer(x)
-        lora_input = self._lora_input(x)
-        if not self.use_dora:
+        weight, bias = self.base_weight, self.base_layer.bias
+        a, lora_input = adapter, self._lora_input(x, adapter)
+        if not a.use_dora:
             return DF.lora_linear(
-                x, weight, bias, self.lora_A, self.lora_B, self.scaling, lora_input=lora_input
+                x, weight, bias, a.lora_A, a.lora_B, a.scaling, lora_input=lora_input
             )
         # Compiled, m/n is not cached: the training form gets W Aᵀ from its stacked matmul.
         if not (torch.is_grad_enabled() or torch.compiler.is_compiling()) and lora_input is None:
             return DF.dora_linear_scaled(
-                x, weight, bias, self.lora_A, self.lora_B, self.inference_scale(), self.scaling
+                x, weight, bias, a.lora_A, a.lora_B, self.inference_scale(a), a.scaling
             )
         return DF.dora_linear(
             x,
             weight,
             bias,
-            self.lora_A,
-            self.lora_B,
-            self.magnitude,
-            self.scaling,
+            a.lora_A,
+            a.lora_B,
+            a.magnitude,
+            a.scaling,
             self.weight_sq_norm(),
             lora_input=lora_input,
-            eps=self.eps,
-            detach_norm=self.detach_norm,
+            eps=a.eps,
+            detach_norm=a.detach_norm,
         )
 
 

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from torchdora import functional as DF
 from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_RANK
+from torchdora.layers.adapter import DoRAAdapter
 from torchdora.layers.base import DoRALayer
 from torchdora.quantization import BACKENDS, CHUNK_ELEMENTS, backend_for
 
@@ -87,31 +88,34 @@ class QuantizedDoRALinear(DoRALayer):
     def compute_weight_sq_norm(self) -> Tensor:
         return self.backend.row_sq_norm(self.base_layer, self.max_chunk_elements)
 
-    def compute_weight_a(self) -> Tensor:
-        return self.backend.weight_times(self.base_layer, self.lora_A, self.max_chunk_elements)
+    def compute_weight_a(self, adapter: DoRAAdapter | None = None) -> Tensor:
+        lora_A = (adapter or self.get_adapter()).lora_A
+        return self.backend.weight_times(self.base_layer, lora_A, self.max_chunk_elements)
 
     # ----------------------------------------------------------------- merging
-    def merge(self) -> None:
-        raise TypeError(
-            "a quantized base cannot hold the merged weight in place; merge_and_unload() "
-            "returns a float nn.Linear holding it"
+    def merge(self, adapter_name: str | None = None) -> None:
+        """Refused: ``W'`` is not representable in the base's quantized format (requantizing
+        it would change the outputs), so there is no in-place merge to undo later."""
+        raise RuntimeError(
+            f"cannot merge into a quantized {self.backend.name} {type(self.base_layer).__name__} "
+            "in place: W' does not fit its quantized format. merge_and_unload() replaces the "
+            "layer by a float nn.Linear holding W' (save_merged writes such a copy)"
         )
 
-    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A new ``nn.Linear`` holding ``W' = (m/n)·(Ŵ + s·B A)`` and the base's bias.
+    def merge_and_unload(
+        self, adapter_name: str | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Linear:
+        """A new ``nn.Linear`` holding ``W' = (m/n)·(Ŵ + s·B A)`` (of ``adapter_name``, default:
+        the active adapter) and the base's bias.
 
         ``W'`` is built from the dequantized weight in float32 and is not quantized again: the
         result is full-size, in ``dtype`` (default: the dtype the base computes in). Its weight
         is frozen and its bias trains if the base's did. This layer and its base are unchanged.
         """
+        a = self.get_adapter(adapter_name)
         with torch.no_grad():
             merged, _ = DF.merge_weight(
-                self.weight_matrix(),
-                self.lora_A,
-                self.lora_B,
-                self.magnitude,
-                self.scaling,
-                self.eps,
+                self.weight_matrix(), a.lora_A, a.lora_B, a.magnitude, a.scaling, a.eps
             )
             bias = self.bias
             linear = nn.Linear(
@@ -132,22 +136,23 @@ class QuantizedDoRALinear(DoRALayer):
     def forward(self, x: Tensor) -> Tensor:
         self._check_features(x)
         self._check_dtype(x, match_base=False)  # any float dtype: the output has the input's
-        if self._runs_base_only():
+        a = self._computing_adapter()
+        if a is None:
             return self._base(x)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        lora_input = self._lora_input(x)
+        lora_input = self._lora_input(x, a)
         lora_x = x2d if lora_input is None else lora_input.reshape(-1, self.in_features)
-        if not self.use_dora:
-            out = DF.add_lora(self._base(x2d), lora_x, self.lora_A, self.lora_B, self.scaling)
+        if not a.use_dora:
+            out = DF.add_lora(self._base(x2d), lora_x, a.lora_A, a.lora_B, a.scaling)
             return out.reshape(*lead, self.out_features)
         if torch.is_grad_enabled():
-            biased, weight_a = self._base_and_weight_a(x2d)
-            norm = self.row_norm(weight_a)
-            scale = self.magnitude.to(norm.dtype) / norm
+            biased, weight_a = self._base_and_weight_a(x2d, a)
+            norm = self.row_norm(weight_a, a)
+            scale = a.magnitude.to(norm.dtype) / norm
         else:
-            biased, scale = self._base(x2d), self.inference_scale()
-        direction = DF.add_lora(biased, lora_x, self.lora_A, self.lora_B, self.scaling)
+            biased, scale = self._base(x2d), self.inference_scale(a)
+        direction = DF.add_lora(biased, lora_x, a.lora_A, a.lora_B, a.scaling)
         scale = scale.to(DF.scale_dtype(direction.dtype))
         # (W x + b + sBAx)·scale + b·(1 - scale): the base's bias stays in, one pass fewer.
         bias = None if self.bias is None else self.bias.to(scale.dtype)
@@ -162,15 +167,15 @@ class QuantizedDoRALinear(DoRALayer):
     def _unbiased(self, out: Tensor) -> Tensor:
         return out if self.bias is None else out - self.bias.to(out.dtype)
 
-    def _base_and_weight_a(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
+    def _base_and_weight_a(self, x2d: Tensor, adapter: DoRAAdapter) -> tuple[Tensor, Tensor]:
         """``(Ŵ x + b, Ŵ Aᵀ)``: both through the kernel where it is linear in its input.
 
         As in :func:`torchdora.functional.base_and_weight_a`, one call runs on the stacked
         ``[x; A]`` when ``x`` needs a gradient; otherwise ``x`` and ``A`` run separately.
         """
         if not self.backend.is_linear_in_input(self.base_layer):
-            return self._base(x2d), self.compute_weight_a()
-        lora_A = self.lora_A.to(x2d.dtype)
+            return self._base(x2d), self.compute_weight_a(adapter)
+        lora_A = adapter.lora_A.to(x2d.dtype)
         if x2d.requires_grad:
             out = self._base(torch.cat([x2d, lora_A]))
             return out[: x2d.shape[0]], self._unbiased(out[x2d.shape[0] :]).T

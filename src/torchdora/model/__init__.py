@@ -1,5 +1,6 @@
 """Whole-model DoRA: inject into any model, merge, unload, disable, count."""
 
+from torchdora.model.adapters import active_adapter, adapter_names, delete_adapter, set_adapter
 from torchdora.model.checks import NonFiniteError, assert_finite, check_finite_outputs
 from torchdora.model.deferred import adapted_state_dict, initialize_magnitude
 from torchdora.model.inject import apply_dora
@@ -19,17 +20,21 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "ModulesToSaveWrapper",
     "NonFiniteError",
+    "active_adapter",
     "adapted_state_dict",
+    "adapter_names",
     "apply_dora",
     "assert_finite",
     "check_finite_outputs",
     "count_trainable_parameters",
     "default_target_modules",
+    "delete_adapter",
     "disable_adapter",
     "dora_modules",
     "initialize_magnitude",
     "merge_adapter",
     "merge_and_unload",
     "print_trainable_parameters",
+    "set_adapter",
     "unmerge_adapter",
 ]

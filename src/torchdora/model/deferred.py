@@ -49,16 +49,17 @@ def adapted_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[
     """``state_dict`` of the model before :func:`~torchdora.apply_dora`, under ``model``'s keys.
 
     ``apply_dora`` moves an adapted module's tensors under ``base_layer.`` and a
-    ``modules_to_save`` module's under ``original_module.`` and ``module_to_save.`` (both get
-    the weights). Keys ``model`` already has, and keys of no adapted module, are kept as they
-    are, so ``load_state_dict(..., strict=False)`` reports the ones that fit nowhere. The
+    ``modules_to_save`` module's under ``original_module.`` and ``modules_to_save.<adapter>.``
+    (all get the weights). Keys ``model`` already has, and keys of no adapted module, are kept as
+    they are, so ``load_state_dict(..., strict=False)`` reports the ones that fit nowhere. The
     tensors are not copied.
     """
     model = unwrap_model(model)
     moved: dict[str, tuple[str, ...]] = {}
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
-            moved[name] = ("original_module", "module_to_save")
+            copies = tuple(f"modules_to_save.{copy}" for copy in module.modules_to_save)
+            moved[name] = ("original_module", *copies)
         elif isinstance(module, DoRALayer):
             moved[name] = ("base_layer",)
     own = set(model.state_dict())

@@ -9,8 +9,11 @@ from torch import nn
 
 from torchdora.config import DoRAConfig, pattern_matches
 from torchdora.distributed import has_sharded_parameters
+from torchdora.layers.adapter import check_adapter_name
 from torchdora.layers.base import DoRALayer
+from torchdora.model.adapters import active_adapter, adapter_names
 from torchdora.model.modules_to_save import ModulesToSaveWrapper
+from torchdora.model.ops import dora_modules
 from torchdora.model.targeting import (
     Target,
     candidate_modules,
@@ -22,7 +25,9 @@ from torchdora.model.targeting import (
 logger = logging.getLogger("torchdora")
 
 
-def apply_dora(model: nn.Module, config: DoRAConfig | None = None) -> nn.Module:
+def apply_dora(
+    model: nn.Module, config: DoRAConfig | None = None, adapter_name: str = "default"
+) -> nn.Module:
     """Adapt ``model`` with DoRA **in place** and return it (the same object, for chaining).
 
     Every module ``config`` selects is replaced by its DoRA layer (which keeps the original
@@ -31,9 +36,17 @@ def apply_dora(model: nn.Module, config: DoRAConfig | None = None) -> nn.Module:
     the biases ``config.bias`` asks for, and ``config.modules_to_save``. The adapted model's
     outputs equal the original's until the adapters are trained.
 
+    Called again with a new ``adapter_name`` on an adapted model, it adds a second adapter with
+    its own settings and targets, to layers already adapted and to newly targeted ones. As with
+    PEFT's ``add_adapter``, the new adapter is not active and is frozen: ``set_adapter(model,
+    adapter_name)`` makes it compute and train. Called again with a name the model has, it
+    extends that adapter to more modules (none of which may have it already).
+
     Args:
         model: any ``nn.Module``; ``transformers`` models get per-architecture default targets.
         config: what to adapt and how; ``None`` means ``DoRAConfig()``.
+        adapter_name: the adapter's name (PEFT's ``"default"``); it becomes a folder name in
+            saved multi-adapter folders, so letters, digits, ``_`` and ``-`` only.
 
     Returns:
         ``model``.
@@ -41,8 +54,9 @@ def apply_dora(model: nn.Module, config: DoRAConfig | None = None) -> nn.Module:
     Raises:
         ValueError: nothing matches ``target_modules`` (close names are listed), a
             ``rank_pattern``/``alpha_pattern``/``exclude_modules``/``modules_to_save`` entry
-            matches nothing, a module already has an adapter, ``modules_to_save`` overlaps
-            the targets, or the model is already sharded by ``fully_shard``.
+            matches nothing, a target already has an adapter of this name, ``modules_to_save``
+            overlaps the targets, an adapter is merged, or the model is already sharded by
+            ``fully_shard``.
         TypeError: a matched module is of a kind torchdora cannot adapt (named with its type).
 
     A rank above a layer's ``min(in_features, out_features)`` is allowed (``B A`` simply cannot
@@ -53,33 +67,57 @@ def apply_dora(model: nn.Module, config: DoRAConfig | None = None) -> nn.Module:
     config = DoRAConfig() if config is None else config
     if not isinstance(config, DoRAConfig):
         raise TypeError(f"config must be a DoRAConfig, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
     if has_sharded_parameters(model):
         raise ValueError(
             "apply_dora must run before the model is sharded (fully_shard): it replaces modules, "
             "and DoRA layers have to be sharded together with their base layers"
         )
+    existing = adapter_names(model)
+    merged = [n for n, layer in dora_modules(model) if layer.merged]
+    if merged:
+        raise ValueError(f"apply_dora: adapters are merged into {merged[:3]}; unmerge them first")
+    active = active_adapter(model) if existing else adapter_name
     if config.target_modules is None:
         logger.info("DoRA default target_modules for this model: %s", default_target_modules(model))
 
-    targets = find_targets(model, config)
+    targets = find_targets(model, config, adapter_name)
     names = [t.name for t in targets]
     _check_patterns(config, names)
     to_save = _modules_to_save(model, config, names)
     # Built before the model is touched, so a layer that cannot be built leaves it unchanged.
-    layers = [_make_layer(target, config) for target in targets]
-    _warn_rank_too_large(names, layers)
+    new = {t.name: _make_layer(t, config, adapter_name) for t in targets if t.kind is not None}
+    for target in targets:
+        if target.kind is None:
+            target.module.add_adapter(adapter_name, **_adapter_options(config, target.name))
+    layers = [new.get(t.name, t.module) for t in targets]
+    _warn_rank_too_large(names, layers, adapter_name)
 
     _freeze_all_but_adapters(model)
     for name, layer in zip(names, layers, strict=True):
-        _set_submodule(model, name, layer)
+        adapter = layer.get_adapter(adapter_name)
+        if adapter.magnitude is not None:
+            adapter.magnitude.requires_grad_(config.magnitude_trainable)
+        if name in new:
+            _set_submodule(model, name, layer)
+            layer.active_adapter = active
         if config.bias == "dora_only" and layer.bias is not None:
             layer.bias.requires_grad_(True)
+        if adapter_name != active:
+            adapter.freeze()
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name.rpartition(".")[2] == "bias":
                 param.requires_grad_(True)
     for name in to_save:
-        _set_submodule(model, name, ModulesToSaveWrapper(model.get_submodule(name)))
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(adapter_name)
+        else:
+            module = ModulesToSaveWrapper(module, adapter_name)
+            module.active_adapter = active
+            _set_submodule(model, name, module)
+        module.modules_to_save[adapter_name].requires_grad_(adapter_name == active)
     return model
 
 
@@ -97,22 +135,28 @@ def _check_patterns(config: DoRAConfig, names: list[str]) -> None:
                 )
 
 
-def _make_layer(target: Target, config: DoRAConfig) -> DoRALayer:
+def _adapter_options(config: DoRAConfig, name: str) -> dict:
+    """The settings of the adapter ``config`` puts on the module ``name``."""
+    return {
+        "rank": config.rank_for(name),
+        "alpha": config.alpha_for(name),
+        "dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "detach_norm": config.detach_norm,
+        "eps": config.eps,
+        "init": config.init,
+    }
+
+
+def _make_layer(target: Target, config: DoRAConfig, adapter_name: str) -> DoRALayer:
     module = target.module
     layer = target.kind.factory(
         module,
-        rank=config.rank_for(target.name),
-        alpha=config.alpha_for(target.name),
-        dropout=config.dropout,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        detach_norm=config.detach_norm,
+        **_adapter_options(config, target.name),
         freeze_base=False,  # _freeze_all_but_adapters freezes it with the rest of the model
-        eps=config.eps,
-        init=config.init,
+        adapter_name=adapter_name,
     )
-    if layer.magnitude is not None:
-        layer.magnitude.requires_grad_(config.magnitude_trainable)
     return layer.train(module.training)
 
 
@@ -139,11 +183,12 @@ def _modules_to_save(model: nn.Module, config: DoRAConfig, targets: list[str]) -
     return names
 
 
-def _warn_rank_too_large(names: list[str], layers: list[DoRALayer]) -> None:
+def _warn_rank_too_large(names: list[str], layers: list[DoRALayer], adapter_name: str) -> None:
+    ranks = [layer.get_adapter(adapter_name).rank for layer in layers]
     too_large = [
-        f"{name} ({layer.out_features}×{layer.in_features}, rank {layer.rank})"
-        for name, layer in zip(names, layers, strict=True)
-        if layer.rank > min(layer.in_features, layer.out_features)
+        f"{name} ({layer.out_features}×{layer.in_features}, rank {rank})"
+        for name, layer, rank in zip(names, layers, ranks, strict=True)
+        if rank > min(layer.in_features, layer.out_features)
     ]
     if too_large:
         warnings.warn(

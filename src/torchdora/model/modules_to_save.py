@@ -8,18 +8,37 @@ from torch import nn
 
 
 class ModulesToSaveWrapper(nn.Module):
-    """Holds the frozen ``original_module`` and a trainable copy, ``module_to_save``.
+    """Holds the frozen ``original_module`` and a trainable copy per adapter (PEFT's layout).
 
-    The forward runs the copy; with ``disabled = True`` (see :func:`torchdora.disable_adapter`)
-    it runs the original, so the base model stays available. ``merge_and_unload`` puts the
-    trained copy in the wrapper's place.
+    ``modules_to_save[name]`` is adapter ``name``'s copy; the forward runs the active adapter's
+    (``module_to_save``), or the original when ``disabled`` (see
+    :func:`torchdora.disable_adapter`) or when the active adapter has no copy here, so the base
+    model stays available. ``merge_and_unload`` puts the trained copy in the wrapper's place.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, adapter_name: str = "default") -> None:
         super().__init__()
         self.original_module = module.requires_grad_(False)
-        self.module_to_save = copy.deepcopy(module).requires_grad_(True)
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter = adapter_name
         self.disabled = False
+        self.add_adapter(adapter_name)
+
+    def add_adapter(self, name: str) -> None:
+        """A new trainable copy of the original module for adapter ``name``."""
+        if name in self.modules_to_save:
+            raise ValueError(f"this module already has a copy for adapter {name!r}")
+        self.modules_to_save[name] = copy.deepcopy(self.original_module).requires_grad_(True)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+
+    @property
+    def module_to_save(self) -> nn.Module:
+        """The copy the forward runs: the active adapter's, else the original module."""
+        if self.active_adapter in self.modules_to_save:
+            return self.modules_to_save[self.active_adapter]
+        return self.original_module
 
     def forward(self, *args, **kwargs):
         active = self.original_module if self.disabled else self.module_to_save

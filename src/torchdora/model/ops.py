@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from torchdora.layers.base import DoRALayer
+from torchdora.model.adapters import active_adapter, check_known
 from torchdora.model.modules_to_save import ModulesToSaveWrapper
 
 
@@ -26,15 +27,16 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
             yield name, module
 
 
-def merge_adapter(model: nn.Module) -> None:
-    """Write every adapter into its base weight (reversible with :func:`unmerge_adapter`).
+def merge_adapter(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Write adapter ``adapter_name`` (default: the active one) into every base weight it adapts
+    (reversible with :func:`unmerge_adapter`). One adapter is merged at a time.
 
     Raises ``ValueError`` if an adapted weight is tied to another module's (tied
     embeddings): merging would change that module too.
     """
     _check_not_tied(model)
-    for _, layer in dora_modules(model):
-        layer.merge()
+    for _, layer in _layers_with(model, adapter_name):
+        layer.merge(adapter_name)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -43,21 +45,44 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain base modules back, in place; returns ``model``.
+def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Merge one adapter and put the plain base modules back, in place; returns ``model``.
 
-    Afterwards the model holds no torchdora modules: each DoRA layer is replaced by what its
-    ``merge_and_unload()`` returns (its base module carrying ``W'``; a new float ``nn.Linear``
-    for a quantized base), each modules-to-save wrapper by its trained copy. Outputs equal the
-    adapted model's to rounding. Parameters keep their ``requires_grad`` flags.
+    The adapter merged is ``adapter_name``, by default the active one; every other adapter is
+    dropped. Afterwards the model holds no torchdora modules: each DoRA layer is replaced by
+    what its ``merge_and_unload()`` returns (its base module carrying ``W'``; a new float
+    ``nn.Linear`` for a quantized base; the plain base module where the adapter is absent),
+    each modules-to-save wrapper by that adapter's trained copy (or its original module).
+    Outputs equal the adapted model's with that adapter active, to rounding. Parameters keep
+    their ``requires_grad`` flags.
     """
     _check_not_tied(model)
-    replacements = [(n, m.merge_and_unload()) for n, m in list(dora_modules(model))]
-    replacements += [(n, m.module_to_save) for n, m in _wrappers(model)]
-    for name, module in replacements:
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, module)
+    name = _adapter_name(model, adapter_name)
+    replacements = []
+    for module_name, module in list(dora_modules(model)):
+        if name in module.adapters:
+            replacements.append((module_name, module.merge_and_unload(name)))
+        else:
+            module.unmerge()
+            replacements.append((module_name, module.base_layer))
+    for module_name, wrapper in _wrappers(model):
+        copies = dict(wrapper.modules_to_save)
+        replacements.append((module_name, copies.get(name, wrapper.original_module)))
+    for module_name, module in replacements:
+        model.set_submodule(module_name, module)
     return model
+
+
+def _adapter_name(model: nn.Module, adapter_name: str | None) -> str | None:
+    """``adapter_name``, checked, or the active adapter's name (``None`` without adapters)."""
+    if adapter_name is not None:
+        return check_known(model, adapter_name)
+    return active_adapter(model) if any(True for _ in dora_modules(model)) else None
+
+
+def _layers_with(model: nn.Module, adapter_name: str | None) -> list[tuple[str, DoRALayer]]:
+    name = _adapter_name(model, adapter_name)
+    return [(n, layer) for n, layer in dora_modules(model) if name in layer.adapters]
 
 
 @contextmanager

@@ -46,11 +46,12 @@ HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "head", "qa_outputs"})
 
 @dataclass(frozen=True)
 class Target:
-    """A module to adapt: where it is, what it is, and the layer kind that adapts it."""
+    """A module to adapt: where it is, what it is, and the layer kind that adapts it
+    (``None`` for a DoRA layer already there, which gets one more adapter)."""
 
     name: str
     module: nn.Module
-    kind: LayerKind
+    kind: LayerKind | None
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -106,8 +107,11 @@ def output_head_names(model: nn.Module) -> set[str]:
     }
 
 
-def find_targets(model: nn.Module, config: DoRAConfig) -> list[Target]:
-    """The modules ``config`` adapts, in model order. Raises if the selection is unusable."""
+def find_targets(
+    model: nn.Module, config: DoRAConfig, adapter_name: str = "default"
+) -> list[Target]:
+    """The modules ``config`` adapts with adapter ``adapter_name``, in model order (DoRA layers
+    already there among them). Raises if the selection is unusable."""
     spec = config.target_modules
     if spec is None:
         spec = default_target_modules(model)
@@ -116,7 +120,7 @@ def find_targets(model: nn.Module, config: DoRAConfig) -> list[Target]:
         _require_match("exclude_modules", config.exclude_modules, candidates)
         candidates = [(n, m) for n, m in candidates if not name_matches(config.exclude_modules, n)]
     if spec == ALL_LINEAR:
-        return _all_linear(model, candidates)
+        return _all_linear(model, candidates, adapter_name)
 
     matched = [(n, m) for n, m in candidates if name_matches(spec, n)]
     if not matched:
@@ -124,7 +128,8 @@ def find_targets(model: nn.Module, config: DoRAConfig) -> list[Target]:
     unsupported, targets = [], []
     for name, module in matched:
         if isinstance(module, DoRALayer):
-            raise _already_adapted(name, module)
+            targets.append(_existing(name, module, adapter_name))
+            continue
         kind = _kind(model, name, module)
         if kind is None:
             unsupported.append(f"{name!r} ({type(module).__name__})")
@@ -140,7 +145,9 @@ def find_targets(model: nn.Module, config: DoRAConfig) -> list[Target]:
     return targets
 
 
-def _all_linear(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[Target]:
+def _all_linear(
+    model: nn.Module, candidates: list[tuple[str, nn.Module]], adapter_name: str
+) -> list[Target]:
     heads = output_head_names(model)
     targets = []
     for name, module in candidates:
@@ -149,7 +156,7 @@ def _all_linear(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> li
         if isinstance(module, DoRALayer):
             base_kind = layer_kind_for(module.base_layer)
             if base_kind is not None and base_kind.linear:
-                raise _already_adapted(name, module)
+                targets.append(_existing(name, module, adapter_name))
             continue
         kind = _kind(model, name, module)
         if kind is not None and kind.linear:
@@ -162,11 +169,14 @@ def _all_linear(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> li
     return targets
 
 
-def _already_adapted(name: str, module: DoRALayer) -> ValueError:
-    return ValueError(
-        f"{name!r} already has a DoRA adapter ({type(module).__name__}); apply_dora adapts a "
-        "module once. Call merge_and_unload(model) first, or target other modules"
-    )
+def _existing(name: str, layer: DoRALayer, adapter_name: str) -> Target:
+    """A DoRA layer already in the model, as the target of a new adapter ``adapter_name``."""
+    if adapter_name in layer.adapters:
+        raise ValueError(
+            f"{name!r} already has an adapter named {adapter_name!r}; apply_dora with another "
+            "adapter_name adds a second adapter (or delete_adapter(model, name) first)"
+        )
+    return Target(name, layer, None)
 
 
 def _kind(model: nn.Module, name: str, module: nn.Module) -> LayerKind | None:
