@@ -22,6 +22,7 @@ from torchdora.analysis.change import (
     weight_products,
 )
 from torchdora.layers.base import DoRALayer
+from torchdora.layers.dispatch import layer_kind_for, supported_base_types
 from torchdora.model.ops import dora_modules
 
 #: How far (relative) a DoRA layer's base row norms may drift from the snapshot's.
@@ -40,21 +41,19 @@ class LayerReference:
 def weight_rows(module: nn.Module) -> Tensor:
     """The weight whose rows carry the magnitudes, as ``(d_out, fan_in)`` (a view, no copy).
 
-    A DoRA layer's :meth:`~torchdora.DoRALayer.weight_matrix`; for plain modules the same
-    convention: ``nn.Linear`` as is, convolutions flattened per output channel, ``nn.Embedding``
-    and ``transformers``' ``Conv1D`` transposed.
+    A DoRA layer's :meth:`~torchdora.DoRALayer.weight_matrix`; for a plain module what its layer
+    kind says (:attr:`~torchdora.LayerKind.weight_rows`): ``nn.Linear`` as is, convolutions
+    flattened per output channel, ``nn.Embedding`` and ``transformers``' ``Conv1D`` transposed.
     """
     if isinstance(module, DoRALayer):
         return module.weight_matrix()
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() < 2:
+    kind = layer_kind_for(module)
+    if kind is None or not isinstance(getattr(module, "weight", None), Tensor):
         raise TypeError(
             f"{type(module).__name__} has no weight matrix to analyse (expected a DoRA/LoRA "
-            "layer, nn.Linear, a convolution, nn.Embedding or transformers' Conv1D)"
+            f"layer or a module of a kind torchdora adapts: {', '.join(supported_base_types())})"
         )
-    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
-        return weight.T
-    return weight.reshape(weight.shape[0], -1)
+    return kind.weight_rows(module)
 
 
 @torch.no_grad()

@@ -15,17 +15,16 @@ from torchdora.config import DoRAConfig
 from torchdora.distributed import has_sharded_parameters, is_main_process, unwrap_model
 from torchdora.io import files
 from torchdora.io.files import AdapterFileError
+from torchdora.io.peft_config import config_value, dora_config_from_peft, fit_to_model, peft_config
 from torchdora.io.peft_format import (
+    adapter_layers,
     adapter_ranks,
-    config_value,
-    dora_config_from_peft,
-    fit_to_model,
     load_peft_state_dict,
-    peft_config,
     peft_state_dict,
 )
-from torchdora.layers.base import DoRALayer
-from torchdora.model import ModulesToSaveWrapper, apply_dora, dora_modules, merge_and_unload
+from torchdora.layers.adapter import check_adapter_name
+from torchdora.model import adapter_names, apply_dora, merge_and_unload
+from torchdora.model.adapters import drop_adapter
 from torchdora.quantization import dequantize_model
 
 MAGNITUDE_TRAINABLE = "torchdora_magnitude_trainable"
@@ -33,65 +32,108 @@ MAGNITUDE_TRAINABLE = "torchdora_magnitude_trainable"
 (``DoRAConfig.magnitude_trainable=False``), so that :func:`load_adapter` freezes them again."""
 
 
-def save_adapter(
-    model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None
-) -> Path:
-    """Write ``model``'s adapters to the folder ``path`` in PEFT's format.
+DEFAULT_ADAPTER = "default"
 
-    Only adapter tensors (plus trained biases and ``modules_to_save``) are written, as
-    ``adapter_model.safetensors`` with ``adapter_config.json``; a PEFT user can
-    ``PeftModel.from_pretrained(base_model, path)`` it unchanged. Each file is replaced
-    atomically, so an interrupted save leaves the previous adapter readable.
+
+def adapter_folder(path: str | os.PathLike, adapter_name: str) -> Path:
+    """Where PEFT keeps adapter ``adapter_name`` of a folder saved at ``path``: ``path`` itself
+    for ``"default"``, the subfolder ``path/<adapter_name>`` for every other adapter."""
+    name = check_adapter_name(adapter_name)
+    return Path(path) if name == DEFAULT_ADAPTER else Path(path) / name
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    adapter_name: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write ``model``'s adapters to the folder ``path`` in PEFT's format; returns ``path``.
+
+    Each adapter is a folder of ``adapter_model.safetensors`` and ``adapter_config.json``:
+    ``"default"`` at ``path`` itself, every other adapter in ``path/<name>`` (PEFT's
+    multi-adapter layout, which ``PeftModel.from_pretrained(base, path)`` and
+    ``load_adapter(path/<name>, adapter_name=<name>)`` read unchanged). All adapters are written,
+    or only ``adapter_name``. Only adapter tensors (plus trained biases and
+    ``modules_to_save``) are written; each file is replaced atomically, so an interrupted save
+    leaves the previous adapter readable, and nothing is written if any adapter cannot be.
 
     In a distributed run only rank 0 writes. A model sharded with FSDP2 has its tensors
     gathered first, so every rank must call this; a ``DistributedDataParallel`` wrapper is
     looked through (no collective: calling it on rank 0 alone is fine).
     """
     model = unwrap_model(model)
-    config = peft_config(model, base_model_name_or_path)
-    tensors = peft_state_dict(model)
+    names = adapter_names(model) if adapter_name is None else [adapter_name]
+    if not names:
+        raise ValueError("the model has no DoRA/LoRA layers to save; call apply_dora first")
+    folders = {name: adapter_folder(path, name) for name in names}
+    contents = {
+        name: (peft_config(model, name, base_model_name_or_path), peft_state_dict(model, name))
+        for name in names
+    }  # every adapter is checked before any is written
     if not is_main_process():
         return Path(path)
-    metadata = {
-        "format": "pt",
-        "torchdora_version": torchdora.__version__,
-        "torchdora_format": files.FORMAT_VERSION,
-    }
-    magnitudes = [layer.magnitude for _, layer in dora_modules(model) if layer.use_dora]
-    if magnitudes and not any(m.requires_grad for m in magnitudes):
-        metadata[MAGNITUDE_TRAINABLE] = "false"  # PEFT's config has no such field
-    return files.write_adapter_folder(path, config, tensors, metadata)
+    for name, (config, tensors) in contents.items():
+        metadata = {
+            "format": "pt",
+            "torchdora_version": torchdora.__version__,
+            "torchdora_format": files.FORMAT_VERSION,
+        }
+        if _magnitudes_frozen(model, name):
+            metadata[MAGNITUDE_TRAINABLE] = "false"  # PEFT's config has no such field
+        files.write_adapter_folder(folders[name], config, tensors, metadata)
+    return Path(path)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load the adapter folder ``path`` (ours or PEFT's) into ``model``, in place.
+def _magnitudes_frozen(model: nn.Module, adapter_name: str) -> bool:
+    """Whether every magnitude of a DoRA adapter is frozen for good (not merely because
+    another adapter is the active one: see :meth:`~torchdora.layers.adapter.DoRAAdapter.freeze`)."""
+    adapters = [
+        layer.get_adapter(adapter_name) for layer in adapter_layers(model, adapter_name).values()
+    ]
+    magnitudes = [a for a in adapters if a.use_dora]
+    return bool(magnitudes) and not any(a.trains("magnitude") for a in magnitudes)
 
-    If ``model`` has no adapters yet, they are created first (``apply_dora`` with the settings
-    in ``adapter_config.json``, on the modules the file has tensors for); adapters it has
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER
+) -> nn.Module:
+    """Load the adapter folder ``path`` (ours or PEFT's) into ``model`` as ``adapter_name``.
+
+    ``path`` is the adapter's own folder (for a multi-adapter save, ``root/<name>`` for every
+    adapter but ``"default"``: see :func:`adapter_folder`). If ``model`` has no adapter of that
+    name it is created first (``apply_dora`` with the settings in ``adapter_config.json``, on
+    the modules the file has tensors for); as with PEFT's ``load_adapter``, an adapter added
+    next to others is not made active (:func:`torchdora.set_adapter`). An adapter the model has
     already must have the file's kind (DoRA/LoRA), alpha and rsLoRA setting. Raises
-    :class:`AdapterFileError` with the reason when the folder cannot be used; the model is
-    then left as it was.
+    :class:`AdapterFileError` with the reason when the folder cannot be used; the model is then
+    left as it was.
 
     Every rank reads the whole file; a model sharded with FSDP2 keeps each rank's shard of
     it (no communication), whatever world size the adapter was saved from. A
     ``DistributedDataParallel`` wrapper is looked through. Returns the ``model`` passed in.
     """
     wrapper, model = model, unwrap_model(model)
+    check_adapter_name(adapter_name)
     config, tensors, metadata = files.read_adapter_folder(path)
     ranks = _adapted_modules(path, tensors)
     dora_config = fit_to_model(dora_config_from_peft(config, ranks), ranks, model)
-    if any(True for _ in dora_modules(model)):
-        _check_same_settings(model, dora_config, path)
-        load_peft_state_dict(model, tensors)
+    if adapter_layers(model, adapter_name):
+        _check_same_settings(model, adapter_name, dora_config, path)
+        load_peft_state_dict(model, tensors, adapter_name)
         return wrapper
     if metadata.get(MAGNITUDE_TRAINABLE) == "false":
         dora_config = replace(dora_config, magnitude_trainable=False)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     try:
-        apply_dora(model, dora_config)
-        load_peft_state_dict(model, tensors)
+        apply_dora(model, dora_config, adapter_name)
+        load_peft_state_dict(model, tensors, adapter_name)
     except (TypeError, ValueError) as err:
-        _remove_adapters(model, requires_grad)
+        if adapter_name in adapter_names(model):
+            drop_adapter(model, adapter_name)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
         if isinstance(err, AdapterFileError):
             raise
         raise AdapterFileError(f"the adapter in {path} does not fit this model: {err}") from err
@@ -106,7 +148,9 @@ def _adapted_modules(path: str | os.PathLike, tensors: dict[str, Tensor]) -> dic
     return ranks
 
 
-def _check_same_settings(model: nn.Module, config: DoRAConfig, path: str | os.PathLike) -> None:
+def _check_same_settings(
+    model: nn.Module, adapter_name: str, config: DoRAConfig, path: str | os.PathLike
+) -> None:
     """Adapter tensors loaded into existing layers must come from layers of the same kind and
     scaling; otherwise the model would compute something the adapter was not trained for."""
 
@@ -114,28 +158,18 @@ def _check_same_settings(model: nn.Module, config: DoRAConfig, path: str | os.Pa
         return f"{'DoRA' if use_dora else 'LoRA'}, alpha {alpha:g}" + (", rsLoRA" * use_rslora)
 
     wrong = []
-    for name, layer in dora_modules(model):
-        ours = settings(layer.use_dora, layer.alpha, layer.use_rslora)
+    for name, layer in adapter_layers(model, adapter_name).items():
+        adapter = layer.get_adapter(adapter_name)
+        ours = settings(adapter.use_dora, adapter.alpha, adapter.use_rslora)
         theirs = settings(config.use_dora, float(config.alpha_for(name)), config.use_rslora)
         if ours != theirs:
             wrong.append(f"{name}: {ours} here, {theirs} in the file")
     if wrong:
         raise AdapterFileError(
-            f"the adapter in {path} was trained with other settings than this model's adapters "
-            f"({'; '.join(wrong[:3])}); load it into the model without adapters (load_adapter "
-            "then creates them from the file)"
+            f"the adapter in {path} was trained with other settings than this model's adapter "
+            f"{adapter_name!r} ({'; '.join(wrong[:3])}); load it as a new adapter "
+            "(load_adapter(model, path, adapter_name='...') creates it from the file)"
         )
-
-
-def _remove_adapters(model: nn.Module, requires_grad: dict[nn.Parameter, bool]) -> None:
-    """Undo a fresh ``apply_dora``: put the original modules back, restore ``requires_grad``."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, DoRALayer):
-            model.set_submodule(name, module.base_layer)
-        elif isinstance(module, ModulesToSaveWrapper):
-            model.set_submodule(name, module.original_module)
-    for param, flag in requires_grad.items():
-        param.requires_grad_(flag)
 
 
 from_pretrained = load_adapter

@@ -12,28 +12,21 @@ PEFT (``peft_type="LORA"``, ``use_dora=true``) stores, for the module at path ``
   and each ``modules_to_save`` module's own state dict under ``<p>.``.
 
 torchdora's module paths and ``base_layer`` naming coincide with PEFT's, so the mapping is
-per-tensor reshaping only.
+per-tensor reshaping only; each layer kind declares its keys and shapes
+(:meth:`~torchdora.DoRALayer.peft_layout`). One file holds one adapter: a model's other
+adapters go to files of their own (PEFT's multi-adapter folders, see :mod:`torchdora.io.adapter`).
+The config half of the format is :mod:`torchdora.io.peft_config`.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-
 import torch
 from torch import Tensor, nn
 
-from torchdora.config import DoRAConfig, pattern_matches
 from torchdora.distributed import copy_full_, full_tensor
 from torchdora.io.files import AdapterFileError
-from torchdora.layers.base import DoRALayer
-from torchdora.layers.conv import DoRAConv
-from torchdora.layers.conv1d import DoRAConv1D
-from torchdora.layers.embedding import DoRAEmbedding
-from torchdora.model import ModulesToSaveWrapper, dora_modules
-from torchdora.model.targeting import candidate_modules, name_matches
+from torchdora.layers.base import DoRALayer, PeftTensor
+from torchdora.model import ModulesToSaveWrapper, active_adapter, dora_modules
 
 PREFIX = "base_model.model."
 # PEFT key suffix -> our parameter name
@@ -44,58 +37,44 @@ _SUFFIXES = {
     "lora_embedding_B": "lora_B",
     "lora_magnitude_vector": "magnitude",
 }
-_FACTORS = ("lora_A", "lora_B", "magnitude")  # a LoRA layer's magnitude is None
 _RANK_AXIS = {"lora_A": 0, "lora_B": 1}  # in PEFT's shapes (peft_layout)
-_BIAS_MODES = {"none": "none", "all": "all", "dora_only": "lora_only"}
 
 
-@dataclass(frozen=True)
-class PeftTensor:
-    """Where one adapter parameter lives in PEFT's file: key suffix and shape."""
-
-    suffix: str
-    shape: tuple[int, ...]
-
-
-def peft_layout(layer: DoRALayer) -> dict[str, PeftTensor]:
-    """Our parameter name → its PEFT key suffix and shape, for one adapted layer."""
-    a, b = (
-        ("lora_embedding_A", "lora_embedding_B")
-        if isinstance(layer, DoRAEmbedding)
-        else ("lora_A.weight", "lora_B.weight")
-    )
-    r, out = layer.rank, layer.out_features
-    shapes = {"lora_A": (r, layer.in_features), "lora_B": (out, r), "magnitude": (out,)}
-    if isinstance(layer, DoRAConv):
-        kernel = layer.base_weight.shape
-        if layer.base_layer.groups > 1:
-            raise AdapterFileError(
-                "a convolution with groups > 1 cannot be written in PEFT's format: PEFT factors "
-                "grouped-conv LoRA differently (full-width A, grouped B)"
-            )
-        ones = (1,) * (len(kernel) - 2)
-        shapes = {
-            "lora_A": (r, *kernel[1:]),
-            "lora_B": (out, r, *ones),
-            "magnitude": (1, out, *ones),
-        }
-    layout = {"lora_A": PeftTensor(a, shapes["lora_A"]), "lora_B": PeftTensor(b, shapes["lora_B"])}
-    if layer.use_dora:
-        layout["magnitude"] = PeftTensor("lora_magnitude_vector", shapes["magnitude"])
-    return layout
+def layout(layer: DoRALayer, adapter_name: str) -> dict[str, PeftTensor]:
+    """:meth:`~torchdora.DoRALayer.peft_layout` of one adapter, refusals as file errors."""
+    try:
+        return layer.peft_layout(adapter_name)
+    except ValueError as err:
+        raise AdapterFileError(str(err)) from None
 
 
-def _wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, DoRALayer]:
+    """The DoRA layers of ``model`` that hold adapter ``adapter_name``, by module name."""
+    return {name: layer for name, layer in dora_modules(model) if adapter_name in layer.adapters}
 
 
-def _trained_extras(model: nn.Module) -> dict[str, Tensor]:
-    """Trainable parameters that are neither adapter factors nor in a modules-to-save copy:
+def wrappers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    """Module name → adapter ``adapter_name``'s trained copy, of every modules-to-save wrapper
+    that has one."""
+    return {
+        name: module.modules_to_save[adapter_name]
+        for name, module in model.named_modules()
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
+    }
+
+
+def trained_extras(model: nn.Module) -> dict[str, Tensor]:
+    """Trainable parameters that are neither adapter factors nor in a modules-to-save wrapper:
     the biases ``DoRAConfig.bias`` unfroze (an adapted layer's as ``<p>.base_layer.bias``)."""
     factor_ids = {
-        id(getattr(layer, param)) for _, layer in dora_modules(model) for param in _FACTORS
+        id(param)
+        for _, layer in dora_modules(model)
+        for adapter in layer.adapters.values()
+        for param in adapter.named_factors().values()
     }
-    wrapped = tuple(f"{name}." for name in _wrappers(model))
+    wrapped = tuple(
+        f"{name}." for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)
+    )
     return {
         name: p
         for name, p in model.named_parameters()
@@ -103,193 +82,26 @@ def _trained_extras(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every tensor of the adapter under PEFT's key, in PEFT's shape, whole.
+def peft_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
+    """Every tensor of adapter ``adapter_name`` (default: the active one) under PEFT's key, in
+    PEFT's shape, whole.
 
     Sharded (FSDP2) tensors are gathered, so every rank must call this together.
     """
+    adapter_name = adapter_name or active_adapter(model)
     tensors: dict[str, Tensor] = {}
-    for name, layer in dora_modules(model):
-        for param, where in peft_layout(layer).items():
+    for name, layer in adapter_layers(model, adapter_name).items():
+        adapter = layer.get_adapter(adapter_name)
+        for param, where in layout(layer, adapter_name).items():
             tensors[f"{PREFIX}{name}.{where.suffix}"] = (
-                full_tensor(getattr(layer, param)).detach().reshape(where.shape)
+                full_tensor(getattr(adapter, param)).detach().reshape(where.shape)
             )
-    for name, param in _trained_extras(model).items():
+    for name, param in trained_extras(model).items():
         tensors[PREFIX + name] = full_tensor(param).detach()
-    for name, wrapper in _wrappers(model).items():
-        for key, tensor in wrapper.module_to_save.state_dict().items():
+    for name, copy in wrappers(model, adapter_name).items():
+        for key, tensor in copy.state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = full_tensor(tensor)
     return tensors
-
-
-def _most_common(values: dict[str, float]) -> float:
-    return Counter(values.values()).most_common(1)[0][0]
-
-
-def _shared_setting(
-    layers: dict[str, DoRALayer], key: str, value_of: Callable[[DoRALayer], object]
-) -> object:
-    """The one value of ``key`` all ``layers`` share: PEFT's format holds one per adapter."""
-    values = {value_of(layer) for layer in layers.values()}
-    if len(values) > 1:
-        raise ValueError(
-            f"PEFT's format holds one {key} for all layers of an adapter; these layers mix "
-            f"{sorted(values)}"
-        )
-    return values.pop()
-
-
-def peft_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
-    """``adapter_config.json`` contents describing the adapters actually in ``model``.
-
-    Targets are the adapted modules' full names; ranks and alphas that differ from the most
-    common one go to ``rank_pattern``/``alpha_pattern`` under their escaped full names.
-    """
-    layers = dict(dora_modules(model))
-    if not layers:
-        raise ValueError("the model has no DoRA/LoRA layers to save; call apply_dora first")
-    ranks = {name: layer.rank for name, layer in layers.items()}
-    alphas = {name: layer.alpha for name, layer in layers.items()}
-    rank, alpha = _most_common(ranks), _most_common(alphas)
-    extras = _trained_extras(model)
-    adapted_biases = {f"{name}.base_layer.bias" for name in layers}
-    bias = "none" if not extras else "dora_only" if set(extras) <= adapted_biases else "all"
-    if base_model_name_or_path is None:
-        base_model_name_or_path = (
-            getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        )
-    return {
-        "peft_type": "LORA",
-        "use_dora": _shared_setting(layers, "use_dora", lambda layer: layer.use_dora),
-        "r": rank,
-        "lora_alpha": alpha,
-        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
-        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
-        "target_modules": sorted(layers),
-        "lora_dropout": _shared_setting(
-            layers, "lora_dropout", lambda layer: getattr(layer.lora_dropout, "p", 0.0)
-        ),
-        "use_rslora": _shared_setting(layers, "use_rslora", lambda layer: layer.use_rslora),
-        "fan_in_fan_out": any(isinstance(layer, DoRAConv1D) for layer in layers.values()),
-        "bias": _BIAS_MODES[bias],
-        "modules_to_save": sorted(_wrappers(model)) or None,
-        "init_lora_weights": True,
-        "base_model_name_or_path": base_model_name_or_path,
-        "task_type": None,
-        "inference_mode": True,
-    }
-
-
-def config_value(config: dict, key: str, kinds: type | tuple[type, ...], default=None):
-    """``config[key]`` (``default`` if absent), which must be of ``kinds`` or ``None``."""
-    value = config.get(key, default)
-    bool_for_number = isinstance(value, bool) and kinds is not bool
-    if value is not None and (bool_for_number or not isinstance(value, kinds)):
-        names = (
-            kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
-        )
-        raise AdapterFileError(f"adapter_config.json: {key!r} must be {names}, got {value!r}")
-    return value
-
-
-_UNSUPPORTED_PEFT_OPTIONS = {
-    "lora_bias": "a trained bias on lora_B",
-    "use_qalora": "QA-LoRA's pooled input",
-    "alora_invocation_tokens": "activated LoRA (adapters switched on by invocation tokens)",
-    "layer_replication": "layers replicated in the base model",
-    "target_parameters": "adapters on bare nn.Parameters",
-    "trainable_token_indices": "trainable token embeddings",
-}
-"""PEFT options that change what a LoRA adapter computes, which torchdora does not implement:
-an adapter file that sets one is refused rather than loaded as something else."""
-
-
-def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
-    """The :class:`DoRAConfig` that recreates a PEFT adapter's layers on the modules of
-    ``ranks`` (module → rank of its tensors, see :func:`adapter_ranks`).
-
-    Targets come from the tensors actually in the file (robust to PEFT's other targeting
-    options); ranks, alphas and the rest from the config. The config's rank of each module must
-    be the rank of its tensors, so a damaged config cannot make the layers larger than the file.
-    As PEFT does, ``rank_pattern``/``alpha_pattern`` keys that select none of those modules
-    are ignored. See :func:`fit_to_model` for the model's side.
-    """
-    if config.get("peft_type") != "LORA":
-        raise AdapterFileError(
-            f"adapter_config.json: peft_type is {config.get('peft_type')!r}; torchdora loads "
-            "LoRA/DoRA adapters (peft_type 'LORA')"
-        )
-    for option, what in _UNSUPPORTED_PEFT_OPTIONS.items():
-        if config.get(option):
-            raise AdapterFileError(
-                f"adapter_config.json sets {option}={config[option]!r} ({what}), a PEFT "
-                "feature torchdora does not implement"
-            )
-    rank = config_value(config, "r", int, 8)
-    alpha = config_value(config, "lora_alpha", (int, float), rank)
-    bias = config_value(config, "bias", str, "none")
-    modes = {v: k for k, v in _BIAS_MODES.items()}
-    if bias not in modes:
-        raise AdapterFileError(
-            f"adapter_config.json: bias must be one of {sorted(modes)}, got {bias!r}"
-        )
-    try:
-        dora_config = DoRAConfig(
-            rank=rank,
-            alpha=float(alpha),
-            dropout=float(config_value(config, "lora_dropout", (int, float), 0.0)),
-            target_modules="|".join(re.escape(name) for name in ranks),
-            use_dora=bool(config_value(config, "use_dora", bool, False)),
-            use_rslora=bool(config_value(config, "use_rslora", bool, False)),
-            rank_pattern=dict(config_value(config, "rank_pattern", dict, {})),
-            alpha_pattern=dict(config_value(config, "alpha_pattern", dict, {})),
-            modules_to_save=config_value(config, "modules_to_save", list) or None,
-            bias=modes[bias],
-        )
-        dora_config = replace(
-            dora_config,
-            rank_pattern=_patterns_in_use(dora_config.rank_pattern, ranks),
-            alpha_pattern=_patterns_in_use(dora_config.alpha_pattern, ranks),
-        )
-    except (TypeError, ValueError) as err:
-        raise AdapterFileError(f"adapter_config.json describes an unusable adapter: {err}") from err
-    wrong = [
-        f"{name}: r={dora_config.rank_for(name)} in the config, {rank} in the tensors"
-        for name, rank in ranks.items()
-        if dora_config.rank_for(name) != rank
-    ]
-    if wrong:
-        raise AdapterFileError(
-            f"adapter_config.json does not match the tensors' ranks: {wrong[:5]}"
-        )
-    return dora_config
-
-
-def fit_to_model(config: DoRAConfig, ranks: dict[str, int], model: nn.Module) -> DoRAConfig:
-    """``config`` (:func:`dora_config_from_peft` of ``ranks``) for ``model``: every adapted
-    module must be in it, and ``modules_to_save`` entries that match none of its modules are
-    dropped, as PEFT drops them (it lists ``"score"`` beside ``"classifier"`` for every
-    sequence classifier)."""
-    modules = dict(model.named_modules())
-    absent = [f"{PREFIX}{name}" for name in ranks if name not in modules]
-    if absent:  # before a target pattern made of these names is built and fails to match
-        raise _not_in_model(absent)
-    names = [name for name, _ in candidate_modules(model)]
-    kept = [
-        entry
-        for entry in config.modules_to_save or []
-        if any(name_matches([entry], name) for name in names)
-    ]
-    return replace(config, modules_to_save=kept or None)
-
-
-def _patterns_in_use(patterns: dict, modules: dict[str, int]) -> dict:
-    """``patterns`` without those that select none of ``modules``."""
-    return {
-        pattern: value
-        for pattern, value in patterns.items()
-        if any(pattern_matches(pattern, name) for name in modules)
-    }
 
 
 def adapter_ranks(tensors: dict[str, Tensor]) -> dict[str, int]:
@@ -344,21 +156,21 @@ def _shape_difference(param: str, expected: tuple[int, ...], found: tuple[int, .
     return "rank mismatch" if same_sizes else f"rank mismatch, and {other_sizes}"
 
 
-def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Copy PEFT-keyed ``tensors`` into ``model``'s adapters; every key must find its place.
+def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str) -> None:
+    """Copy PEFT-keyed ``tensors`` into adapter ``adapter_name``; every key must find its place.
 
     Raises :class:`AdapterFileError` naming unknown keys, missing tensors, wrong shapes, or
     non-finite values. Values are cast to each parameter's dtype (the magnitude stays float32).
     A sharded (FSDP2) parameter takes its own shard of the whole tensor given.
     """
-    layers = dict(dora_modules(model))
+    layers = adapter_layers(model, adapter_name)
     targets: dict[str, tuple[Tensor, Tensor]] = {}  # key -> (parameter, value)
     unknown = []
     for key, value in tensors.items():
         parsed = split_peft_key(key)
         if parsed is not None and parsed[0] in layers:
             path, param = parsed
-            where = peft_layout(layers[path]).get(param)
+            where = layout(layers[path], adapter_name).get(param)
             if where is None:
                 unknown.append(key)
                 continue
@@ -367,10 +179,10 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
                     f"{key}: expected shape {where.shape}, found {tuple(value.shape)} "
                     f"({_shape_difference(param, where.shape, tuple(value.shape))})"
                 )
-            targets[key] = (getattr(layers[path], param), value)
+            targets[key] = (getattr(layers[path].get_adapter(adapter_name), param), value)
         else:
             unknown.append(key)
-    named = _named_saved_tensors(model)
+    named = _named_saved_tensors(model, adapter_name)
     still_unknown = []
     for key in unknown:
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else None
@@ -384,11 +196,11 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         else:
             still_unknown.append(key)
     if still_unknown:
-        raise _not_in_model(still_unknown)
+        raise not_in_model(still_unknown)
     expected = {
         f"{PREFIX}{path}.{where.suffix}"
         for path, layer in layers.items()
-        for where in peft_layout(layer).values()
+        for where in layout(layer, adapter_name).values()
     }
     missing = sorted(expected - set(targets))
     if missing:
@@ -401,10 +213,10 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     for param, value in targets.values():
         copy_full_(param, value.reshape(param.shape))
     for layer in layers.values():
-        layer.mark_initialized()
+        layer.mark_initialized(adapter_name)
 
 
-def _not_in_model(names: list[str]) -> AdapterFileError:
+def not_in_model(names: list[str]) -> AdapterFileError:
     listed = sorted(names)
     more = f" and {len(listed) - 10} more" if len(listed) > 10 else ""
     return AdapterFileError(
@@ -426,13 +238,13 @@ def _loadable(key: str, value: Tensor, param: Tensor) -> Tensor:
     return cast
 
 
-def _named_saved_tensors(model: nn.Module) -> dict[str, Tensor]:
+def _named_saved_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
     """Non-factor tensors an adapter file may carry, by name: any model parameter (trained
-    biases; PEFT's ``save_embedding_layers`` base weights) and the modules-to-save copies
-    (named as PEFT names them, without ``module_to_save``)."""
+    biases; PEFT's ``save_embedding_layers`` base weights) and the adapter's modules-to-save
+    copies (named as PEFT names them, without ``modules_to_save.<adapter>``)."""
     named: dict[str, Tensor] = dict(model.named_parameters())
-    for name, wrapper in _wrappers(model).items():
-        for key, tensor in wrapper.module_to_save.state_dict(keep_vars=True).items():
+    for name, copy in wrappers(model, adapter_name).items():
+        for key, tensor in copy.state_dict(keep_vars=True).items():
             named[f"{name}.{key}"] = tensor
             # PEFT with bias="all" also writes each copy's bias under this name.
             named[f"{name}.modules_to_save.{key}"] = tensor

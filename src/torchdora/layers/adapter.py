@@ -154,6 +154,12 @@ class DoRAAdapter(nn.Module):
             param.requires_grad_(self._frozen_flags.get(name, True))
         self._frozen_flags = None
 
+    def trains(self, param_name: str) -> bool:
+        """Whether parameter ``param_name`` trains when this adapter is the active one."""
+        if self._frozen_flags is not None:
+            return self._frozen_flags.get(param_name, True)
+        return getattr(self, param_name).requires_grad
+
     # ----------------------------------------------------------------- loading
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A state dict may hand a parameter its own tensor back, which loads no values:

@@ -8,6 +8,8 @@ A layer kind (Linear, Conv, Embedding, …) subclasses :class:`DoRALayer` and su
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +20,15 @@ from torchdora.layers.access import AdapterAccess
 from torchdora.layers.adapter import DoRAAdapter, check_adapter_name
 from torchdora.layers.cache import TensorCache
 from torchdora.layers.initialization import AdapterInitialization
+
+
+@dataclass(frozen=True)
+class PeftTensor:
+    """Where one adapter parameter lives in PEFT's adapter file: key suffix and shape."""
+
+    suffix: str
+    shape: tuple[int, ...]
+
 
 #: Attributes of the active adapter that a layer reads and writes as its own.
 ADAPTER_ATTRIBUTES = (
@@ -187,6 +198,31 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
     def merged(self) -> bool:
         """Whether an adapter (``merged_adapter``) is merged into the base weight."""
         return self.merged_adapter is not None
+
+    # ----------------------------------------------------------------- PEFT's file layout
+    #: PEFT's key suffixes of ``A`` and ``B`` for this kind (an Embedding's differ)
+    PEFT_FACTOR_KEYS = ("lora_A.weight", "lora_B.weight")
+    #: PEFT's ``fan_in_fan_out``: the base stores ``Wᵀ`` (``transformers``' ``Conv1D``)
+    fan_in_fan_out = False
+
+    def peft_shapes(self, adapter: DoRAAdapter) -> dict[str, tuple[int, ...]]:
+        """The shapes PEFT stores ``lora_A``, ``lora_B``, ``magnitude`` in (a convolution's are
+        conv kernels); ``ValueError`` if PEFT's format cannot express this layer."""
+        r, out = adapter.rank, self.out_features
+        return {"lora_A": (r, self.in_features), "lora_B": (out, r), "magnitude": (out,)}
+
+    def peft_layout(self, adapter_name: str | None = None) -> dict[str, PeftTensor]:
+        """Our parameter name → its PEFT key suffix and shape, for one adapter of this layer."""
+        adapter = self.get_adapter(adapter_name)
+        shapes = self.peft_shapes(adapter)
+        a, b = self.PEFT_FACTOR_KEYS
+        layout = {
+            "lora_A": PeftTensor(a, shapes["lora_A"]),
+            "lora_B": PeftTensor(b, shapes["lora_B"]),
+        }
+        if adapter.use_dora:
+            layout["magnitude"] = PeftTensor("lora_magnitude_vector", shapes["magnitude"])
+        return layout
 
     # ----------------------------------------------------------------- the base weight
     @property

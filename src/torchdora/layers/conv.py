@@ -56,6 +56,16 @@ class DoRAConv(DoRALayer):
         weight = self.base_weight if weight is None else weight
         return weight.reshape(weight.shape[0], -1)
 
+    def peft_shapes(self, adapter: DoRAAdapter) -> dict[str, tuple[int, ...]]:
+        if self.base_layer.groups > 1:
+            raise ValueError(
+                "a convolution with groups > 1 cannot be written in PEFT's format: PEFT factors "
+                "grouped-conv LoRA differently (full-width A, grouped B)"
+            )
+        kernel, ones = self.base_weight.shape, (1,) * (self.base_weight.dim() - 2)
+        r, out = adapter.rank, self.out_features
+        return {"lora_A": (r, *kernel[1:]), "lora_B": (out, r, *ones), "magnitude": (1, out, *ones)}
+
     def store_weight_matrix(self, matrix: Tensor) -> None:
         # reshape() copies a channels_last kernel, so write through the parameter's own shape.
         self.base_weight.copy_(matrix.reshape(self.base_weight.shape))

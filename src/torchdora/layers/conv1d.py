@@ -41,6 +41,8 @@ class DoRAConv1D(DoRALinear):
         in_features, out_features = weight.shape
         super().__init__(in_features, out_features, rank, alpha, base_layer=base_layer, **options)
 
+    fan_in_fan_out = True
+
     @property
     def base_weight(self) -> Tensor:
         """``W`` as ``(out_features, in_features)``: a transposed view of the stored weight."""

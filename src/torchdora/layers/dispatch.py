@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from torchdora.layers.base import DoRALayer
 from torchdora.layers.conv import DoRAConv
@@ -19,11 +19,23 @@ from torchdora.layers.conv1d import DoRAConv1D
 from torchdora.layers.embedding import DoRAEmbedding
 from torchdora.layers.linear import DoRALinear
 from torchdora.layers.quantized import QuantizedDoRALinear
-from torchdora.quantization import is_quantized_linear
+from torchdora.quantization import backend_for, is_quantized_linear
 
 #: ``factory(base_module, rank=..., alpha=..., dropout=..., use_rslora=..., use_dora=...,
 #: detach_norm=..., freeze_base=..., eps=..., init=...) -> DoRALayer``
 LayerFactory = Callable[..., DoRALayer]
+
+
+def _flattened_rows(module: nn.Module) -> Tensor:
+    return module.weight.reshape(module.weight.shape[0], -1)
+
+
+def _transposed(module: nn.Module) -> Tensor:
+    return module.weight.T
+
+
+def _dequantized(module: nn.Module) -> Tensor:
+    return backend_for(module).dequantize(module)
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,10 @@ class LayerKind:
     A module is of this kind if it is a ``base_type`` and ``matches(module)`` (when given) is
     true; the predicate tells apart kinds that share a type (a torchao-quantized
     ``nn.Linear``) or whose type is only importable lazily. ``linear`` kinds are those
-    ``target_modules="all-linear"`` selects.
+    ``target_modules="all-linear"`` selects. ``weight_rows(module)`` is the base module's
+    weight as the ``(d_out, fan_in)`` matrix whose rows DoRA normalises (what the factory's layer
+    calls :meth:`~torchdora.DoRALayer.weight_matrix`), for analysing modules trained without an
+    adapter; by default the weight with its trailing dimensions flattened.
     """
 
     name: str
@@ -41,6 +56,7 @@ class LayerKind:
     factory: LayerFactory
     linear: bool
     matches: Callable[[nn.Module], bool] | None = None
+    weight_rows: Callable[[nn.Module], Tensor] = _flattened_rows
 
     def accepts(self, module: nn.Module) -> bool:
         return isinstance(module, self.base_type) and (self.matches is None or self.matches(module))
@@ -61,13 +77,21 @@ _LAYER_KINDS: list[LayerKind] = [
         QuantizedDoRALinear,
         linear=True,
         matches=is_quantized_linear,
+        weight_rows=_dequantized,
     ),
     LayerKind("nn.Linear", nn.Linear, DoRALinear.from_linear, linear=True),
     LayerKind("nn.Conv1d", nn.Conv1d, DoRAConv, linear=False),
     LayerKind("nn.Conv2d", nn.Conv2d, DoRAConv, linear=False),
     LayerKind("nn.Conv3d", nn.Conv3d, DoRAConv, linear=False),
-    LayerKind("nn.Embedding", nn.Embedding, DoRAEmbedding, linear=False),
-    LayerKind("transformers Conv1D", nn.Module, DoRAConv1D, True, _is_transformers_conv1d),
+    LayerKind("nn.Embedding", nn.Embedding, DoRAEmbedding, linear=False, weight_rows=_transposed),
+    LayerKind(
+        "transformers Conv1D",
+        nn.Module,
+        DoRAConv1D,
+        linear=True,
+        matches=_is_transformers_conv1d,
+        weight_rows=_transposed,
+    ),
 ]
 
 

@@ -63,6 +63,8 @@ class DoRAEmbedding(DoRALayer):
             **options,
         )
 
+    PEFT_FACTOR_KEYS = ("lora_embedding_A", "lora_embedding_B")
+
     def weight_matrix(self, weight: Tensor | None = None) -> Tensor:
         return (self.base_weight if weight is None else weight).T
 

@@ -9,7 +9,7 @@ from torchdora import functional as DF
 from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_RANK
 from torchdora.layers.adapter import DoRAAdapter
 from torchdora.layers.base import DoRALayer
-from torchdora.quantization import BACKENDS, CHUNK_ELEMENTS, backend_for
+from torchdora.quantization import CHUNK_ELEMENTS, backend_for, backends
 
 
 class QuantizedDoRALinear(DoRALayer):
@@ -52,7 +52,7 @@ class QuantizedDoRALinear(DoRALayer):
     ) -> None:
         backend = backend_for(base_layer)
         if backend is None:
-            names = ", ".join(known.name for known in BACKENDS)
+            names = ", ".join(known.name for known in backends())
             raise TypeError(
                 f"QuantizedDoRALinear expects a quantized Linear layer of {names}, "
                 f"got {type(base_layer).__name__}; use DoRALinear for a float nn.Linear"

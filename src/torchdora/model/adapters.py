@@ -106,6 +106,15 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             "merge_and_unload(model) to keep it in the weights, or reload the base model"
         )
     was_active = active_adapter(model) == name
+    drop_adapter(model, name)
+    if was_active:
+        set_adapter(model, remaining[0])
+    return model
+
+
+def drop_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every module that holds it, replacing a module left without
+    adapters by its base module (what :func:`delete_adapter` does, without its checks)."""
     for module_name, module in list(adapter_holders(model)):
         if name not in _names_of(module):
             continue
@@ -113,6 +122,3 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         if not _names_of(module):
             base = module.base_layer if isinstance(module, DoRALayer) else module.original_module
             model.set_submodule(module_name, base)
-    if was_active:
-        set_adapter(model, remaining[0])
-    return model

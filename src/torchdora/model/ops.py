@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +11,7 @@ from torch import nn
 from torchdora.layers.base import DoRALayer
 from torchdora.model.adapters import active_adapter, check_known
 from torchdora.model.modules_to_save import ModulesToSaveWrapper
+from torchdora.quantization import num_weights
 
 
 def dora_modules(model: nn.Module) -> Iterator[tuple[str, DoRALayer]]:
@@ -118,14 +118,7 @@ def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     A quantized weight counts the weights it stands for, not the elements of its packed storage.
     """
     params = list(model.parameters())
-    return sum(_weights(p) for p in params if p.requires_grad), sum(_weights(p) for p in params)
-
-
-def _weights(param: nn.Parameter) -> int:
-    # A quantized bitsandbytes 4-bit weight (Params4bit) packs two weights a byte; its quant
-    # state keeps the weight's own shape (None until bitsandbytes quantizes it).
-    state = getattr(param, "quant_state", None)
-    return math.prod(state.shape) if state is not None else param.numel()
+    return sum(num_weights(p) for p in params if p.requires_grad), sum(map(num_weights, params))
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

@@ -11,24 +11,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchdora.quantization.ao import TorchAOBackend
+# The built-in backends register themselves (register_backend) when their modules load.
+from torchdora.quantization import ao, bnb  # noqa: F401
 from torchdora.quantization.backend import CHUNK_ELEMENTS, QuantizedBackend
-from torchdora.quantization.bnb import BitsandbytesBackend
+from torchdora.quantization.registry import (
+    backend_for,
+    backends,
+    is_quantized_linear,
+    num_weights,
+    register_backend,
+)
 
-BACKENDS: tuple[QuantizedBackend, ...] = (BitsandbytesBackend(), TorchAOBackend())
-
-#: Every ``method`` :func:`quantize_linear` accepts, e.g. for a ``--quantize`` flag.
-QUANTIZATION_METHODS: tuple[str, ...] = tuple(m for b in BACKENDS for m in b.methods)
-
-
-def backend_for(module: nn.Module) -> QuantizedBackend | None:
-    """The backend whose quantized Linear ``module`` is, or ``None`` (by names; imports nothing)."""
-    return next((backend for backend in BACKENDS if backend.owns(module)), None)
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a quantized Linear that :class:`QuantizedDoRALinear` can adapt."""
-    return backend_for(module) is not None
+#: The ``method`` names of the built-in backends, e.g. for a ``--quantize`` flag (a registered
+#: backend's methods work with :func:`quantize_linear` too).
+QUANTIZATION_METHODS: tuple[str, ...] = tuple(m for b in backends() for m in b.methods)
 
 
 def quantize_linear(linear: nn.Linear, method: str) -> nn.Module:
@@ -41,11 +37,10 @@ def quantize_linear(linear: nn.Linear, method: str) -> nn.Module:
     """
     if type(linear) is not nn.Linear:
         raise TypeError(f"quantize_linear expects an nn.Linear, got {type(linear).__name__}")
-    backend = next((b for b in BACKENDS if method in b.methods), None)
+    backend = next((b for b in backends() if method in b.methods), None)
     if backend is None:
-        raise ValueError(
-            f"unknown quantization method {method!r}; choose one of {QUANTIZATION_METHODS}"
-        )
+        known = tuple(m for b in backends() for m in b.methods)
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {known}")
     return backend.quantize(linear, method)
 
 
@@ -85,13 +80,15 @@ def dequantize_model(model: nn.Module) -> list[str]:
 
 
 __all__ = [
-    "BACKENDS",
     "CHUNK_ELEMENTS",
     "QUANTIZATION_METHODS",
     "QuantizedBackend",
     "backend_for",
+    "backends",
     "dequantize_model",
     "is_quantized_linear",
+    "num_weights",
     "quantize_linear",
     "quantize_model",
+    "register_backend",
 ]

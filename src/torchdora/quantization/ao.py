@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from torchdora.quantization.backend import QuantizedBackend, defined_in
+from torchdora.quantization.registry import register_backend
 
 #: Group size of ``torchao-int4``: one scale and zero point per 64 weights of a row.
 INT4_GROUP_SIZE = 64
@@ -114,3 +115,6 @@ class TorchAOBackend(QuantizedBackend):
             )
         quantization.quantize_(quantized, config)
         return quantized
+
+
+register_backend(TorchAOBackend())

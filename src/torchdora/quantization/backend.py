@@ -96,6 +96,10 @@ class QuantizedBackend(ABC):
     def quantize(self, linear: nn.Linear, method: str) -> nn.Module:
         """A new quantized module holding ``linear``'s weight and bias (``linear`` is unchanged)."""
 
+    def num_weights(self, param: Tensor) -> int | None:
+        """How many weights ``param`` holds if it is this library's packed weight, else ``None``."""
+        return None
+
     def input_dtype(self, module: nn.Module) -> torch.dtype | None:
         """The dtype the module's forward needs its input in, or ``None`` if it casts itself."""
         return None

@@ -4,10 +4,13 @@ and ``Linear8bitLt`` with ``has_fp16_weights=False`` (LLM.int8()).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from torchdora.quantization.backend import QuantizedBackend, defined_in
+from torchdora.quantization.registry import register_backend
 
 _FOUR_BIT = {"bnb-nf4": "nf4", "bnb-fp4": "fp4"}
 
@@ -41,6 +44,11 @@ class BitsandbytesBackend(QuantizedBackend):
 
     def owns(self, module: nn.Module) -> bool:
         return defined_in(module, "bitsandbytes") and (_is_4bit(module) or _is_8bit(module))
+
+    def num_weights(self, param: Tensor) -> int | None:
+        # A Params4bit's quant state keeps the weight's own shape (None until it is quantized).
+        state = getattr(param, "quant_state", None)
+        return math.prod(state.shape) if state is not None else None
 
     def check(self, module: nn.Module) -> None:
         if _is_8bit(module):
@@ -151,3 +159,6 @@ class BitsandbytesBackend(QuantizedBackend):
         quantized = quantized.to(linear.weight.device)  # bitsandbytes quantizes on the move
         self.check(quantized)  # no CPU repacking, adapted or not (see the class docstring)
         return quantized
+
+
+register_backend(BitsandbytesBackend())
