@@ -20,6 +20,7 @@ from torchdora.layers.access import AdapterAccess
 from torchdora.layers.adapter import DoRAAdapter, check_adapter_name
 from torchdora.layers.cache import TensorCache
 from torchdora.layers.initialization import AdapterInitialization
+from torchdora.layers.rows import RowAdapters, forward_rows
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
         self.active_adapter = check_adapter_name(adapter_name)
         self.merged_adapter: str | None = None
         self.disabled = False
+        self.row_adapters: RowAdapters | None = None  # set by torchdora.mixed_batch
         self._weight_sq_norm = TensorCache()
         self._merge_norm: Tensor | None = None
         if freeze_base:
@@ -417,6 +419,18 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
         return self.base_layer
 
     # ----------------------------------------------------------------- helpers for forward
+    #: how a per-row scale ``(d_out,)`` broadcasts against this kind's output
+    _scale_shape: tuple[int, ...] = (-1,)
+
+    def _rows_bias(self) -> Tensor | None:
+        """The bias as it broadcasts against this kind's output (mixed batches)."""
+        return self.bias
+
+    def _forward_rows(self, x: Tensor) -> Tensor | None:
+        """The output of a mixed-adapter batch (see :mod:`torchdora.layers.rows`), or ``None``
+        outside :func:`torchdora.mixed_batch`."""
+        return None if self.row_adapters is None else forward_rows(self, x, self.row_adapters)
+
     def _check_features(self, x: Tensor) -> None:
         """Refuse an input that is not ``(..., in_features)`` (kinds with a Linear-like input)."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:

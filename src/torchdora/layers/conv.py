@@ -82,6 +82,19 @@ class DoRAConv(DoRALayer):
         kernel_1x1 = lora_B.to(x.dtype).view(*lora_B.shape, *([1] * (weight.dim() - 2)))
         return _CONV_FN[weight.dim() - 2](after_a, kernel_1x1, groups=groups)
 
+    @property
+    def _scale_shape(self) -> tuple[int, ...]:
+        return (-1,) + (1,) * (self.base_weight.dim() - 2)  # over the spatial dims
+
+    def _rows_bias(self) -> Tensor | None:
+        bias = self.base_layer.bias
+        return None if bias is None else bias.view(self._scale_shape)
+
+    def _rows_base(self, x: Tensor) -> Tensor:
+        return self.base_layer._conv_forward(x, self.base_weight, None)
+
+    _rows_low_rank = _low_rank
+
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
         spatial = self.base_weight.dim() - 2
@@ -92,6 +105,8 @@ class DoRAConv(DoRALayer):
                 f"spatial dims (its base {type(base).__name__}'s), got shape {tuple(x.shape)}"
             )
         self._check_dtype(x)
+        if self.row_adapters is not None:
+            return self._forward_rows(x)
         adapter = self._computing_adapter()
         if adapter is None:
             return base(x)

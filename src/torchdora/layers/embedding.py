@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -73,18 +74,28 @@ class DoRAEmbedding(DoRALayer):
         nn.init.zeros_(adapter.lora_A)
         nn.init.normal_(adapter.lora_B)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _low_rank(self, x: Tensor, adapter: DoRAAdapter, dtype: torch.dtype) -> Tensor:
+        """``B Aᵀ[x]`` (times the base's ``embed_scale``, if any), in ``dtype``."""
         base = self.base_layer
-        result = base(x)
+        after_a = F.embedding(x, adapter.lora_A.T, padding_idx=base.padding_idx)
+        low_rank = after_a.to(dtype) @ adapter.lora_B.to(dtype).T
+        embed_scale = getattr(base, "embed_scale", None)
+        return low_rank if embed_scale is None else low_rank * embed_scale
+
+    def _rows_base(self, x: Tensor) -> Tensor:
+        return self.base_layer(x)
+
+    def _rows_low_rank(self, x: Tensor, adapter: DoRAAdapter) -> Tensor:
+        return self._low_rank(x, adapter, self.base_weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.row_adapters is not None:
+            return self._forward_rows(x)
+        result = self.base_layer(x)
         adapter = self._computing_adapter()
         if adapter is None:
             return result
-        after_a = F.embedding(x, adapter.lora_A.T, padding_idx=base.padding_idx)
-        low_rank = after_a.to(result.dtype) @ adapter.lora_B.to(result.dtype).T
-        embed_scale = getattr(base, "embed_scale", None)
-        if embed_scale is not None:
-            low_rank = low_rank * embed_scale
-        direction = result + adapter.scaling * low_rank
+        direction = result + adapter.scaling * self._low_rank(x, adapter, result.dtype)
         if not adapter.use_dora:
             return direction
         return DF.rescale(direction, self.magnitude_scale(adapter))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchdora import functional as DF
 from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_EPS, DEFAULT_RANK
+from torchdora.layers.adapter import DoRAAdapter
 from torchdora.layers.base import DoRALayer
 from torchdora.quantization import is_quantized_linear
 
@@ -91,6 +93,8 @@ class DoRALinear(DoRALayer):
     def forward(self, x: Tensor) -> Tensor:
         self._check_features(x)
         self._check_dtype(x)
+        if self.row_adapters is not None:
+            return self._forward_rows(x)
         adapter = self._computing_adapter()
         if adapter is None:
             return self.base_layer(x)
@@ -118,6 +122,12 @@ class DoRALinear(DoRALayer):
             eps=a.eps,
             detach_norm=a.detach_norm,
         )
+
+    def _rows_base(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.base_weight)
+
+    def _rows_low_rank(self, x: Tensor, adapter: DoRAAdapter) -> Tensor:
+        return F.linear(F.linear(x, adapter.lora_A.to(x.dtype)), adapter.lora_B.to(x.dtype))
 
 
 class LoRALinear(DoRALinear):

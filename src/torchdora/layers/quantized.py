@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchdora import functional as DF
@@ -136,6 +137,8 @@ class QuantizedDoRALinear(DoRALayer):
     def forward(self, x: Tensor) -> Tensor:
         self._check_features(x)
         self._check_dtype(x, match_base=False)  # any float dtype: the output has the input's
+        if self.row_adapters is not None:
+            return self._forward_rows(x)
         a = self._computing_adapter()
         if a is None:
             return self._base(x)
@@ -163,6 +166,12 @@ class QuantizedDoRALinear(DoRALayer):
         """The quantized base on ``x``, in ``x``'s dtype whatever the library computes in."""
         dtype = self.backend.input_dtype(self.base_layer)
         return self.base_layer(x if dtype is None else x.to(dtype)).to(x.dtype)
+
+    def _rows_base(self, x: Tensor) -> Tensor:
+        return self._unbiased(self._base(x))
+
+    def _rows_low_rank(self, x: Tensor, adapter: DoRAAdapter) -> Tensor:
+        return F.linear(F.linear(x, adapter.lora_A.to(x.dtype)), adapter.lora_B.to(x.dtype))
 
     def _unbiased(self, out: Tensor) -> Tensor:
         return out if self.bias is None else out - self.bias.to(out.dtype)

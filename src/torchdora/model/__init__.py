@@ -2,8 +2,10 @@
 
 from torchdora.model.adapters import active_adapter, adapter_names, delete_adapter, set_adapter
 from torchdora.model.checks import NonFiniteError, assert_finite, check_finite_outputs
+from torchdora.model.combine import combine_adapters
 from torchdora.model.deferred import adapted_state_dict, initialize_magnitude
 from torchdora.model.inject import apply_dora
+from torchdora.model.mixed import mixed_batch
 from torchdora.model.modules_to_save import ModulesToSaveWrapper
 from torchdora.model.ops import (
     count_trainable_parameters,
@@ -26,6 +28,7 @@ __all__ = [
     "apply_dora",
     "assert_finite",
     "check_finite_outputs",
+    "combine_adapters",
     "count_trainable_parameters",
     "default_target_modules",
     "delete_adapter",
@@ -34,6 +37,7 @@ __all__ = [
     "initialize_magnitude",
     "merge_adapter",
     "merge_and_unload",
+    "mixed_batch",
     "print_trainable_parameters",
     "set_adapter",
     "unmerge_adapter",
