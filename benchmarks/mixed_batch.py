@@ -56,9 +56,9 @@ def adapters_model(name: str, args) -> tuple[torch.nn.Module, list[str]]:
     return model, names
 
 
-def inputs(name: str, rows: int) -> torch.Tensor:
+def inputs(name: str, rows: int, length: int | None) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return torch.randint(1000, 20000, (rows, LENGTHS[name]), generator=gen)
+    return torch.randint(1000, 20000, (rows, length or LENGTHS[name]), generator=gen)
 
 
 def forwards(variant: str, model, names: list[str], ids: torch.Tensor, rows: int):
@@ -107,6 +107,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--rows", type=int, default=8, help="rows per adapter")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="tokens per row (default: 128 MiniLM, 64 LLaMA; 1 is one decoding step's work)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
@@ -119,7 +125,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def child_args(args, name: str) -> list[str]:
     return [f"--models={name}", f"--layers={args.layers}", f"--adapters={args.adapters}",
-            f"--rows={args.rows}", f"--rank={args.rank}", f"--threads={args.threads}"]  # fmt: skip
+            f"--rows={args.rows}", f"--rank={args.rank}", f"--threads={args.threads}",
+            *([f"--length={args.length}"] if args.length else [])]  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -129,7 +136,11 @@ def main(argv=None) -> dict:
         name = args.models[0]
         model, names = adapters_model(name, args)
         step = forwards(
-            args.memory_child, model, names, inputs(name, args.adapters * args.rows), args.rows
+            args.memory_child,
+            model,
+            names,
+            inputs(name, args.adapters * args.rows, args.length),
+            args.rows,
         )
         with torch.no_grad():
             C.report_peak(
@@ -138,15 +149,15 @@ def main(argv=None) -> dict:
         return {}
     info = C.machine(device)
     print(f"# mixed_batch on {info}\n# {C.command_line()}", flush=True)
-    headers = ["model", "rows", "single ms/row", "mixed/single", "separate/single", "merged/single",
-               "mixed/separate", "others' CPU"]  # fmt: skip
+    headers = ["model", "rows × tokens", "single ms/row", "mixed/single", "separate/single"]
+    headers += ["merged/single", "mixed/separate", "others' CPU"]
     if not args.no_memory:
         headers += [f"{v} MiB" for v in VARIANTS]
     rows, results = [], []
     for name in args.models:
         model, names = adapters_model(name, args)
         total = args.adapters * args.rows
-        ids = inputs(name, total)
+        ids = inputs(name, total, args.length)
         steps = {v: forwards(v, model, names, ids, args.rows) for v in VARIANTS}
         with torch.no_grad():
             times, rounds = C.interleaved(
@@ -155,7 +166,11 @@ def main(argv=None) -> dict:
         med = {k: C.median(v) for k, v in times.items()}
         paired = {v: C.paired_ratio(times, v, "single") for v in VARIANTS[1:]}
         paired["mixed/separate"] = C.paired_ratio(times, "mixed", "separate")
-        row = [name, f"{args.adapters}×{args.rows}", f"{med['single'] / total * 1e3:.2f}"]
+        row = [
+            name,
+            f"{args.adapters}×{args.rows} × {ids.shape[1]}",
+            f"{med['single'] / total * 1e3:.2f}",
+        ]
         row += [f"{paired[v]:.3f}" for v in VARIANTS[1:]] + [f"{paired['mixed/separate']:.3f}"]
         row.append(C.noise_note(rounds))
         memory = {}

@@ -103,3 +103,11 @@ def test_cuda_path_skips_cleanly_without_cuda(tmp_path):
         )
         assert proc.returncode == 0, script
         assert "CUDA is not available" in proc.stdout, script
+
+
+def test_mixed_batch_times_every_variant(tmp_path):
+    args = ["--models=llama", "--layers=1", "--adapters=2", "--rows=2", "--length=2", "--rank=2"]
+    payload = run(
+        "mixed_batch.py", *args, "--reps=2", "--warmup=1", "--no-memory", tmp_path=tmp_path
+    )
+    assert set(payload["results"][0]["median_s"]) == {"single", "mixed", "separate", "merged"}
