@@ -32,6 +32,12 @@ class DoRAConfig:
         magnitude_trainable: train the magnitude ``m``; ``False`` keeps ``m = ‖W_i‖``.
         use_rslora: ``s = alpha / sqrt(rank)``.
         detach_norm: treat the row norm as a constant in backward (paper §4.3 / PEFT).
+        normalize: ``False`` is the seed guide's "DoRA without normalisation" ablation:
+            ``W' = m ⊙ (W + s·B A) / ‖W‖`` with ``‖W‖`` the frozen base's row norms, a
+            constant, and ``m`` initialised to it, so the model starts as its base. Magnitude and
+            direction are then no longer decoupled (the norm of ``W'_i`` is ``m_i·‖V_i‖/‖W_i‖``).
+            Read literally, the guide's ``m ⊙ (V + BA)`` with ``m = ‖W‖`` would not start at the
+            base model. PEFT cannot express it: its files carry a ``peft_type`` PEFT refuses.
         eps: floor of the row norm.
         rank_pattern: ``{pattern: rank}`` overriding ``rank`` for the modules a pattern
             matches (a regex matched against the end of the name at a ``.`` boundary, as in
@@ -56,6 +62,7 @@ class DoRAConfig:
     magnitude_trainable: bool = True
     use_rslora: bool = False
     detach_norm: bool = False
+    normalize: bool = True
     eps: float = DEFAULT_EPS
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -68,6 +75,10 @@ class DoRAConfig:
         self.target_modules = _check_names("target_modules", self.target_modules)
         self.exclude_modules = _check_names("exclude_modules", self.exclude_modules)
         self.modules_to_save = _check_names("modules_to_save", self.modules_to_save)
+        if not isinstance(self.normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
+        if not self.normalize and not self.use_dora:
+            raise ValueError("normalize=False is a DoRA variant: it needs use_dora=True")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         for name, pattern in (

@@ -89,6 +89,8 @@ def factored_change(
     lora_B: Tensor,
     scaling: float,
     magnitude: Tensor | None = None,
+    *,
+    normalize: bool = True,
 ) -> LayerChange:
     """``(ΔM, ΔD)`` of ``V = W + s·B A`` against ``W`` without forming ``B A``.
 
@@ -104,6 +106,8 @@ def factored_change(
         magnitude: DoRA's ``m``, whose row ``i`` makes ``W'_i = m_i·V_i/‖V_i‖`` (new magnitude
             ``|m_i|``, direction reversed where ``m_i < 0``); ``None`` for LoRA, whose new
             magnitude is ``‖V_i‖``.
+        normalize: ``False`` for DoRA without normalisation, ``W'_i = m_i·V_i/‖W_i‖``: its new
+            magnitude is ``|m_i|·‖V_i‖/‖W_i‖``.
     """
     c = weight_sq_norm.to(torch.float64)
     P = weight_a.to(torch.float64)
@@ -114,4 +118,6 @@ def factored_change(
         return _change(c.sqrt(), new_norm, dot, new_norm)
     # W'_i = m_i·V_i/‖V_i‖: its norm is |m_i|, and a negative m_i turns it around.
     m = magnitude.detach().to(torch.float64)
+    if not normalize:
+        m = m * new_norm / c.sqrt()
     return _change(c.sqrt(), new_norm, dot * m.sign(), m.abs())

@@ -179,6 +179,7 @@ def _adapter_change(name: str, layer: DoRALayer, ref: LayerReference) -> LayerCh
         layer.lora_B,
         layer.scaling,
         layer.magnitude,  # None for LoRA
+        normalize=layer.normalize,
     )
 
 

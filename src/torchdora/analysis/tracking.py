@@ -14,8 +14,9 @@ from torchdora.model.ops import dora_modules
 
 
 def infer_method(model: nn.Module) -> str:
-    """``"DoRA"``, ``"DoRA (frozen m)"``, ``"LoRA"``, ``"DoRA+LoRA"`` (mixed), or ``"FT"`` (no
-    adapter layers: a full fine-tune), from the model's DoRA/LoRA layers."""
+    """``"DoRA"``, ``"DoRA (frozen m)"``, ``"DoRA (no norm)"``, ``"LoRA"``, ``"DoRA+LoRA"``
+    (mixed), or ``"FT"`` (no adapter layers: a full fine-tune), from the model's active
+    DoRA/LoRA adapters."""
     layers = [layer for _, layer in dora_modules(model)]
     if not layers:
         return "FT"
@@ -23,6 +24,8 @@ def infer_method(model: nn.Module) -> str:
         return "LoRA"
     if not all(layer.use_dora for layer in layers):
         return "DoRA+LoRA"
+    if not any(layer.normalize for layer in layers):
+        return "DoRA (no norm)"
     if any(layer.magnitude.requires_grad for layer in layers):
         return "DoRA"
     return "DoRA (frozen m)"

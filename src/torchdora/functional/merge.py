@@ -20,17 +20,21 @@ def merge_weight(
     magnitude: Tensor | None,
     scaling: float,
     eps: float,
+    *,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Merged weight ``(m/n)·(W + sBA)`` in the weight's dtype, and the norm ``n`` used.
 
-    ``weight`` is d_out × fan_in. With ``magnitude=None`` this is plain LoRA: ``W + sBA``.
-    The norm is returned so :func:`unmerge_weight` can invert the merge exactly.
+    ``weight`` is d_out × fan_in. With ``magnitude=None`` this is plain LoRA: ``W + sBA``; with
+    ``normalize=False`` ``n`` is the row norm of ``W`` itself (the "no norm" variant). The norm
+    is returned so :func:`unmerge_weight` can invert the merge exactly.
     """
     dtype = norm_dtype(weight.dtype)
     direction = weight.to(dtype) + delta_weight(lora_A, lora_B, scaling, dtype)
     if magnitude is None:
         return direction.to(weight.dtype), None
-    norm = torch.linalg.vector_norm(direction, dim=1).clamp_min(eps)
+    rows = direction if normalize else weight.to(dtype)
+    norm = torch.linalg.vector_norm(rows, dim=1).clamp_min(eps)
     merged = direction * (magnitude.to(dtype) / norm).unsqueeze(1)
     return merged.to(weight.dtype), norm
 

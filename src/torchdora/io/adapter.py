@@ -15,7 +15,13 @@ from torchdora.config import DoRAConfig
 from torchdora.distributed import has_sharded_parameters, is_main_process, unwrap_model
 from torchdora.io import files
 from torchdora.io.files import AdapterFileError
-from torchdora.io.peft_config import config_value, dora_config_from_peft, fit_to_model, peft_config
+from torchdora.io.peft_config import (
+    NO_NORM_PEFT_TYPE,
+    config_value,
+    dora_config_from_peft,
+    fit_to_model,
+    peft_config,
+)
 from torchdora.io.peft_format import (
     adapter_layers,
     adapter_ranks,
@@ -236,6 +242,12 @@ class AdapterSummary:
         return "\n".join(lines)
 
 
+def _method(config: dict) -> str:
+    if config.get("peft_type") == NO_NORM_PEFT_TYPE:
+        return "DoRA without normalisation"
+    return "DoRA" if config_value(config, "use_dora", bool) else "LoRA"
+
+
 def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
     """Summarise an adapter folder without a model: targets, ranks, parameters, size."""
     config, tensors, metadata = files.read_adapter_folder(path)
@@ -246,7 +258,7 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
         ranks[rank] = ranks.get(rank, 0) + 1
     return AdapterSummary(
         path=Path(path),
-        method="DoRA" if config_value(config, "use_dora", bool) else "LoRA",
+        method=_method(config),
         targets=sorted(targets),
         ranks=ranks,
         alpha=float(config_value(config, "lora_alpha", (int, float)) or 0),

@@ -21,6 +21,9 @@ from torchdora.layers.adapter import DoRAAdapter
 from torchdora.model.targeting import candidate_modules, name_matches
 
 _BIAS_MODES = {"none": "none", "all": "all", "dora_only": "lora_only"}
+NO_NORM_PEFT_TYPE = "TORCHDORA_DORA_NO_NORM"
+"""The ``peft_type`` of a no-norm adapter (``normalize=False``): PEFT cannot compute it and
+refuses the type, so it never loads as ordinary DoRA with other outputs; torchdora reads it."""
 
 
 def _most_common(values: dict[str, float]) -> float:
@@ -56,6 +59,7 @@ def peft_config(
     alphas = {name: adapter.alpha for name, adapter in adapters.items()}
     rank, alpha = _most_common(ranks), _most_common(alphas)
     extras = trained_extras(model)
+    normalize = _shared_setting(adapters, "normalize", lambda a: a.normalize)
     adapted_biases = {f"{name}.base_layer.bias" for name in layers}
     bias = "none" if not extras else "dora_only" if set(extras) <= adapted_biases else "all"
     if base_model_name_or_path is None:
@@ -63,7 +67,7 @@ def peft_config(
             getattr(getattr(model, "config", None), "_name_or_path", None) or None
         )
     return {
-        "peft_type": "LORA",
+        "peft_type": "LORA" if normalize else NO_NORM_PEFT_TYPE,
         "use_dora": _shared_setting(adapters, "use_dora", lambda adapter: adapter.use_dora),
         "r": rank,
         "lora_alpha": alpha,
@@ -116,11 +120,13 @@ def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
     As PEFT does, ``rank_pattern``/``alpha_pattern`` keys that select none of those modules
     are ignored. See :func:`fit_to_model` for the model's side.
     """
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in ("LORA", NO_NORM_PEFT_TYPE):
         raise AdapterFileError(
             f"adapter_config.json: peft_type is {config.get('peft_type')!r}; torchdora loads "
-            "LoRA/DoRA adapters (peft_type 'LORA')"
+            f"LoRA/DoRA adapters (peft_type 'LORA', or {NO_NORM_PEFT_TYPE!r} for DoRA without "
+            "normalisation)"
         )
+    normalize = config["peft_type"] == "LORA"
     for option, what in _UNSUPPORTED_PEFT_OPTIONS.items():
         if config.get(option):
             raise AdapterFileError(
@@ -142,6 +148,7 @@ def dora_config_from_peft(config: dict, ranks: dict[str, int]) -> DoRAConfig:
             dropout=float(config_value(config, "lora_dropout", (int, float), 0.0)),
             target_modules="|".join(re.escape(name) for name in ranks),
             use_dora=bool(config_value(config, "use_dora", bool, False)),
+            normalize=normalize,
             use_rslora=bool(config_value(config, "use_rslora", bool, False)),
             rank_pattern=dict(config_value(config, "rank_pattern", dict, {})),
             alpha_pattern=dict(config_value(config, "alpha_pattern", dict, {})),

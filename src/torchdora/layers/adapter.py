@@ -77,6 +77,8 @@ class DoRAAdapter(nn.Module):
         use_rslora: ``s = alpha / sqrt(r)`` instead of ``alpha / r``.
         use_dora: ``False``: plain LoRA (no magnitude).
         detach_norm: treat the row norm as a constant in backward (paper §4.3, PEFT).
+        normalize: ``False``: the seed guide's "no norm" ablation, ``W' = m ⊙ (W + s·BA) / ‖W‖``
+            with ``‖W‖`` the frozen base's row norms, a constant (:class:`~torchdora.DoRAConfig`).
         eps: floor of the row norm.
         init: how ``A`` starts (see :data:`LORA_INITS`).
         factor_dtype: dtype of ``A`` and ``B``; magnitude_dtype: of ``m``; device: of all three.
@@ -100,6 +102,7 @@ class DoRAAdapter(nn.Module):
         factor_dtype: torch.dtype,
         magnitude_dtype: torch.dtype,
         device: torch.device | str | None,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         check_adapter_args(rank, alpha, dropout, eps, init)
@@ -109,6 +112,11 @@ class DoRAAdapter(nn.Module):
         self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
         self.use_dora = use_dora
         self.detach_norm = detach_norm
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        if not normalize and not use_dora:
+            raise ValueError("normalize=False is a DoRA variant: it needs use_dora=True")
+        self.normalize = normalize
         self.eps = eps
         self.init = init
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -179,4 +187,5 @@ class DoRAAdapter(nn.Module):
             f"{kind}: rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
             + (f", dropout={self.dropout:g}" if self.dropout else "")
             + (", detach_norm=True" if self.detach_norm else "")
+            + (", normalize=False" if not self.normalize else "")
         )

@@ -34,7 +34,7 @@ class PeftTensor:
 #: Attributes of the active adapter that a layer reads and writes as its own.
 ADAPTER_ATTRIBUTES = (
     "lora_A", "lora_B", "magnitude", "lora_dropout", "rank", "alpha", "scaling", "use_rslora",
-    "use_dora", "detach_norm", "eps", "init",
+    "use_dora", "detach_norm", "normalize", "eps", "init",
 )  # fmt: skip
 
 
@@ -67,6 +67,8 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
         use_dora: ``False`` gives plain LoRA (no magnitude, no normalisation).
         detach_norm: treat the row norm as a constant in backward (paper §4.3, PEFT).
         freeze_base: set ``requires_grad=False`` on the base layer's parameters.
+        normalize: ``False`` divides by the frozen base's row norms ``‖W‖`` instead of
+            ``‖W + s·B A‖`` (the "no norm" ablation, see :class:`~torchdora.DoRAConfig`).
         eps: floor of the row norm.
         init: ``"default"``: ``A`` Kaiming-uniform (a=√5), as LoRA and PEFT do;
             ``"gaussian"``: ``A ~ N(0, 1/r²)`` (PEFT's ``"gaussian"``). ``B = 0`` either way.
@@ -89,6 +91,7 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
         eps: float = DEFAULT_EPS,
         init: str = "default",
         adapter_name: str = "default",
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -105,7 +108,7 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
             base_layer.requires_grad_(False)
         self.add_adapter(
             adapter_name, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-            use_dora=use_dora, detach_norm=detach_norm, eps=eps, init=init,
+            use_dora=use_dora, detach_norm=detach_norm, eps=eps, init=init, normalize=normalize,
         )  # fmt: skip
 
     # ----------------------------------------------------------------- adapters by name
@@ -121,6 +124,7 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
         detach_norm: bool = False,
         eps: float = DEFAULT_EPS,
         init: str = "default",
+        normalize: bool = True,
     ) -> DoRAAdapter:
         """Add a new adapter ``name``, initialised so that it computes what the base does.
 
@@ -146,6 +150,7 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
             detach_norm=detach_norm,
             eps=eps,
             init=init,
+            normalize=normalize,
             factor_dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype,
             magnitude_dtype=DF.norm_dtype(dtype),
             device=local_tensor(self.base_weight).device,
@@ -193,6 +198,7 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
     use_rslora = _delegate("use_rslora")
     use_dora = _delegate("use_dora")
     detach_norm = _delegate("detach_norm")
+    normalize = _delegate("normalize")
     eps = _delegate("eps")
     init = _delegate("init")
 
@@ -326,12 +332,18 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
         for adapter in self.adapters.values():
             adapter.scale_cache.clear()
 
-    def row_norm(self, weight_a: Tensor, adapter: DoRAAdapter | None = None) -> Tensor:
-        """``n = ‖W + s·B A‖`` per row, from ``weight_a = W Aᵀ`` (the factored form)."""
+    def row_norm(
+        self, adapter: DoRAAdapter | None = None, weight_a: Tensor | None = None
+    ) -> Tensor:
+        """The norm an adapter's magnitude is divided by, per row: ``n = ‖W + s·B A‖`` in the
+        factored form from ``weight_a = W Aᵀ`` (computed if not given), or for
+        ``normalize=False`` the frozen base's ``‖W‖`` (a constant)."""
         a = adapter or self.get_adapter()
-        norm = DF.factored_row_norm(
-            self.weight_sq_norm(), weight_a, a.lora_A, a.lora_B, a.scaling, a.eps
-        )
+        c = self.weight_sq_norm()
+        if not a.normalize:
+            return c.detach().clamp_min(a.eps * a.eps).sqrt()
+        weight_a = self.compute_weight_a(a) if weight_a is None else weight_a
+        norm = DF.factored_row_norm(c, weight_a, a.lora_A, a.lora_B, a.scaling, a.eps)
         return norm.detach() if a.detach_norm else norm
 
     def inference_scale(self, adapter: DoRAAdapter | None = None) -> Tensor:
@@ -342,11 +354,11 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
         def compute() -> Tensor:
             self._check_initialized(a)
             with torch.no_grad():
-                norm = self.row_norm(self.compute_weight_a(a), a)
+                norm = self.row_norm(a)
                 return a.magnitude.to(norm.dtype) / norm
 
         cacheable = all(self._cacheable(t) for t in tensors)
-        return a.scale_cache.get(tensors, (a.scaling, a.eps), compute, cacheable)
+        return a.scale_cache.get(tensors, (a.scaling, a.eps, a.normalize), compute, cacheable)
 
     def magnitude_scale(self, adapter: DoRAAdapter | None = None) -> Tensor:
         """``m / n`` per row, with ``P = W Aᵀ`` from :meth:`compute_weight_a`.
@@ -357,7 +369,7 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
         a = adapter or self.get_adapter()
         if not torch.is_grad_enabled():
             return self.inference_scale(a)
-        norm = self.row_norm(self.compute_weight_a(a), a)
+        norm = self.row_norm(a)
         return a.magnitude.to(norm.dtype) / norm
 
     # ----------------------------------------------------------------- merging
@@ -389,6 +401,7 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
                 adapter.magnitude,
                 adapter.scaling,
                 adapter.eps,
+                normalize=adapter.normalize,
             )
             self.store_weight_matrix(merged)
         self.merged_adapter = name

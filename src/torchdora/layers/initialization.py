@@ -50,7 +50,8 @@ class AdapterInitialization:
         ``meta`` on the base weight's device and, if nothing was loaded into ``A`` and ``B``,
         initialises the whole adapter as :meth:`reset_parameters` does. Otherwise it keeps
         ``A`` and ``B`` and sets the magnitude that makes the layer compute what LoRA with the
-        same ``A``, ``B`` computes (PEFT's DoRA initialisation), replacing a trained magnitude.
+        same ``A``, ``B`` computes (PEFT's DoRA initialisation; ``m = ‖W‖`` for
+        ``normalize=False``), replacing a trained magnitude.
         With sharded (FSDP2) parameters every rank must call it.
 
         Raises:
@@ -70,6 +71,10 @@ class AdapterInitialization:
                 continue
             adapter.uninitialized.clear()
             if adapter.magnitude is None:
+                continue
+            if not adapter.normalize:  # m = ‖W‖ makes it compute what LoRA with A, B does
+                with torch.no_grad():
+                    copy_full_(adapter.magnitude, self.weight_sq_norm().sqrt())
                 continue
             with torch.no_grad():
                 weight_a = full_tensor(self.compute_weight_a(adapter))

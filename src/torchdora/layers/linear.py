@@ -104,6 +104,11 @@ class DoRALinear(DoRALayer):
             return DF.lora_linear(
                 x, weight, bias, a.lora_A, a.lora_B, a.scaling, lora_input=lora_input
             )
+        if not a.normalize and torch.is_grad_enabled():  # m/‖W‖ is a plain per-row scale
+            direction = DF.lora_linear(
+                x, weight, None, a.lora_A, a.lora_B, a.scaling, lora_input=lora_input
+            )
+            return DF.rescale(direction, a.magnitude / self.row_norm(a), bias)
         # Compiled, m/n is not cached: the training form gets W Aᵀ from its stacked matmul.
         if not (torch.is_grad_enabled() or torch.compiler.is_compiling()) and lora_input is None:
             return DF.dora_linear_scaled(

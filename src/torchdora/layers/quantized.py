@@ -116,7 +116,13 @@ class QuantizedDoRALinear(DoRALayer):
         a = self.get_adapter(adapter_name)
         with torch.no_grad():
             merged, _ = DF.merge_weight(
-                self.weight_matrix(), a.lora_A, a.lora_B, a.magnitude, a.scaling, a.eps
+                self.weight_matrix(),
+                a.lora_A,
+                a.lora_B,
+                a.magnitude,
+                a.scaling,
+                a.eps,
+                normalize=a.normalize,
             )
             bias = self.bias
             linear = nn.Linear(
@@ -150,8 +156,11 @@ class QuantizedDoRALinear(DoRALayer):
             out = DF.add_lora(self._base(x2d), lora_x, a.lora_A, a.lora_B, a.scaling)
             return out.reshape(*lead, self.out_features)
         if torch.is_grad_enabled():
-            biased, weight_a = self._base_and_weight_a(x2d, a)
-            norm = self.row_norm(weight_a, a)
+            if a.normalize:
+                biased, weight_a = self._base_and_weight_a(x2d, a)
+            else:  # the norm is the base's own: no W Aᵀ
+                biased, weight_a = self._base(x2d), None
+            norm = self.row_norm(a, weight_a)
             scale = a.magnitude.to(norm.dtype) / norm
         else:
             biased, scale = self._base(x2d), self.inference_scale(a)

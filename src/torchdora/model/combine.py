@@ -58,7 +58,12 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str)
 
 
 def _check_combinable(model: nn.Module, weights: dict[str, float], layers: list) -> None:
-    kinds = {adapter.use_dora for _, _, parts in layers for adapter, _ in parts}
+    kinds = {(a.use_dora, a.normalize) for _, _, parts in layers for a, _ in parts}
+    if len(kinds) > 1 and len({use_dora for use_dora, _ in kinds}) == 1:
+        raise ValueError(
+            "combine_adapters: these adapters mix DoRA and its no-norm variant (normalize=False), "
+            "which divide by different norms; combine adapters of one kind"
+        )
     if len(kinds) > 1:
         raise ValueError(
             "combine_adapters: these adapters mix DoRA and plain LoRA; a combination of both has "
@@ -92,6 +97,7 @@ def _add_combination(layer, parts: list, new_name: str) -> None:
         use_dora=first.use_dora,
         detach_norm=first.detach_norm,
         eps=first.eps,
+        normalize=first.normalize,
     )
     lora_A = torch.cat([full_tensor(a.lora_A) for a, _ in parts])
     lora_B = torch.cat([full_tensor(a.lora_B) * (w * a.scaling) for a, w in parts], dim=1)

@@ -144,6 +144,7 @@ def _adapter_options(config: DoRAConfig, name: str) -> dict:
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "detach_norm": config.detach_norm,
+        "normalize": config.normalize,
         "eps": config.eps,
         "init": config.init,
     }
