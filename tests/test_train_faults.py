@@ -23,7 +23,6 @@ from test_train_loop import make_examples, make_model, resume_run_args, trainabl
 
 from torchdora.train import CheckpointError, Trainer, load_checkpoint
 from torchdora.train import checkpoint as checkpoint_module
-from torchdora.train import trainer as trainer_module
 from torchdora.train.trainer import TrainingInterrupted
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
@@ -245,8 +244,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
 
 
 def test_no_room_for_a_checkpoint_fails_before_the_first_step(tmp_path, monkeypatch):
-    usage = trainer_module.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    usage = checkpoint_module.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     model = make_model()
     before = trainable(model)
     trainer = Trainer(model, resume_run_args(tmp_path / "c"), make_examples(22))

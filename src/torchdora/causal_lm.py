@@ -29,14 +29,16 @@ from torchdora.finetune import (
 from torchdora.generate import generate_reply
 from torchdora.model import count_trainable_parameters
 from torchdora.model.targeting import output_head_names
-from torchdora.train import Trainer, pad_collate, set_seed
-from torchdora.train.causal_lm import (
+from torchdora.train import (
     SMOLLM2,
+    Trainer,
     evaluate_causal_lm,
     first_prompt,
     load_causal_lm,
     load_chatterbot_corpus,
     load_conversations,
+    pad_collate,
+    set_seed,
     split_conversations,
     tokenize_conversations,
 )
