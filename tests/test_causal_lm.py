@@ -251,7 +251,7 @@ def test_chatterbot_corpus_is_read_as_alternating_deduplicated_dialogues():
 
 
 def test_causal_lm_task_defaults_apply_unless_set():
-    from torchdora.finetune import FinetuneConfig
+    from torchdora.recipes import FinetuneConfig
 
     config = FinetuneConfig.from_dict({"task": "causal-lm", "batch-size": 4})
     assert (config.max_steps, config.batch_size, config.test_size) == (40, 4, 0.1)

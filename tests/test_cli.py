@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -15,9 +16,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from torchdora.cli import FLAGS, _read_config_file, main
-from torchdora.finetune import METHODS, TASKS
+from torchdora.cli import _read_config_file, main
 from torchdora.quantization import QUANTIZATION_METHODS
+from torchdora.recipes import METHODS, TASKS, FinetuneConfig
 from torchdora.train.precision import PRECISIONS
 from torchdora.train.progress import PROGRESS_MODES
 
@@ -157,7 +158,8 @@ def test_finetune_help_describes_every_flag_with_its_allowed_values(capsys, monk
     for entry in capsys.readouterr().out.split("\n  --")[1:]:
         flag, *words = entry.split()
         described[flag] = words[0 if flag == "overwrite" else 1 :]
-    assert set(described) == {name.replace("_", "-") for name in FLAGS} | {"config", "compare"}
+    settings = {spec.name.replace("_", "-") for spec in dataclasses.fields(FinetuneConfig)}
+    assert set(described) == settings | {"config", "compare", "seeds"}
     assert all(described.values()), [flag for flag, words in described.items() if not words]
     allowed = {
         "task": TASKS,
@@ -224,9 +226,9 @@ def _bad_csv(tmp_path, text):
         (["--config", "missing.toml"], "does not exist"),
         (["--quantize", "int3"], "quantize must be one of"),
         (["--method", "full", "--quantize", "bnb-nf4"], "trains the base weights"),
-        (["--lr", "-1"], "learning_rate must be > 0"),
+        (["--lr", "-1"], "lr must be > 0"),
         (["--magnitude-lr", "-1"], "magnitude_lr must be > 0"),
-        (["--loraplus-ratio", "0"], "loraplus_lr_ratio must be > 0"),
+        (["--loraplus-ratio", "0"], "loraplus_ratio must be > 0"),
         (["--targets", "query,foo"], "['foo']"),
         (["--targets", "attention"], "matched modules torchdora cannot adapt"),
         (["--output", ""], "output must be a folder path"),
@@ -291,7 +293,7 @@ def test_a_failed_run_removes_what_it_created(tiny, tmp_path, capsys, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr("torchdora.finetune.evaluate_classification", broken)
+    monkeypatch.setattr("torchdora.recipes.classification.evaluate_classification", broken)
     assert finetune(tiny, tmp_path / "new" / "run") == 2
     assert "evaluation broke" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()

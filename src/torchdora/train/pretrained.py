@@ -41,6 +41,28 @@ def bundled_model_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+def has_classification_head(model_dir: str | Path) -> bool:
+    """Whether the model in the folder has a sequence-classification head already; if not,
+    :func:`load_sequence_classifier` gives it a new, randomly initialised one."""
+    return _has_head(_model_config(Path(model_dir)))
+
+
+def _model_config(path: Path):
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ModelLoadError(f"{path} is not a transformers model folder: it {what}")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError) as err:
+        raise ModelLoadError(f"{path} is not a transformers model folder: {err}") from None
+
+
+def _has_head(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
 def load_sequence_classifier(
     model_dir: str | Path,
     label_names: list[str],
@@ -59,17 +81,11 @@ def load_sequence_classifier(
         ModelLoadError: the folder is missing or is not a ``transformers`` model folder.
         DataError: the model's existing head has fewer outputs than ``label_names``.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
-        raise ModelLoadError(f"{path} is not a transformers model folder: it {what}")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError, KeyError) as err:
-        raise ModelLoadError(f"{path} is not a transformers model folder: {err}") from None
-    has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    config = _model_config(path)
+    has_head = _has_head(config)
     if has_head and len(label_names) > config.num_labels:
         raise DataError(
             f"the data has {len(label_names)} labels but the classifier of {path} has "

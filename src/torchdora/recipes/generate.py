@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchdora.finetune import LABELS_FILE
 from torchdora.io import load_adapter
 from torchdora.io.files import read_config
 from torchdora.model import merge_and_unload
+from torchdora.recipes.classification import LABELS_FILE
 from torchdora.train import load_causal_lm, render_prompt
 
 if TYPE_CHECKING:
