@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
+import test_cli
 import torch
 
 from torchdora.cli import main
@@ -71,7 +74,12 @@ def make_tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random-weight LlamaForCausalLM folder with its tokenizer, and JSONL data files."""
-    root = tmp_path_factory.mktemp("tiny-lm")
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+def build_tiny_lm(root):
+    """``root/model``: a random-weight LlamaForCausalLM with its tokenizer; ``root/pairs.jsonl``:
+    96 prompt/response rows."""
     model_dir = root / "model"
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(model_dir)
@@ -437,3 +445,30 @@ def test_smollm2_default_job_lowers_held_out_loss(tmp_path):
     assert main([*args, "--progress", "none", "--output", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["loss_after"] < metrics["loss_before"] - 0.1
+
+
+def test_a_causal_run_prints_our_lines_only(tiny, tmp_path):
+    """As the classification run (test_cli): the numbers, the sample answers, where it went."""
+    ours = [
+        r"DORA r=8 alpha=16 on .*/model: [\d,]+ trainable of [\d,]+ parameters; \d+ train / \d+ "
+        r"held-out conversations",
+        r"held-out loss (before|after): +[\d.]+ \(perplexity [\d.]+\)( — 2 steps, [\d.]+ s/step)?",
+        r"step \d+/2 \| .*",
+        r"",
+        r"> what colour is the \w+ \w+\?",
+        r"  (before|after): +ANSWER",
+        r"wrote .*/adapter \(PEFT format\), .*/merged, metrics.json, config.json",
+    ]
+    argv = ["finetune", "--task", "causal-lm", "--model", str(tiny / "model"), "--data",
+            str(tiny / "pairs.jsonl"), "--max-steps", "2", "--progress", "log", "--output",
+            str(tmp_path / "run")]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "torchdora", *argv],
+        capture_output=True, text=True, timeout=300, env=test_cli.quiet_by_itself(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for sample in json.loads((tmp_path / "run" / "metrics.json").read_text())["samples"]:
+        for answer in (sample["before"], sample["after"]):  # a random model's bytes
+            output = output.replace(f" {answer}\n", " ANSWER\n")
+    assert test_cli.foreign_lines(output, ours) == []

@@ -373,6 +373,38 @@ def test_cli_compare_interrupted_exits_130_with_a_hint_for_the_compare(tiny, tmp
     assert (checkpoint / "trainer_state.json").is_file() and not (out / "dora").exists()
 
 
+def test_cli_seeds_study_interrupted_names_the_seed_run_to_finish(tiny, tmp_path):
+    """The same with ``--seeds``: SIGTERM, exit 143, and the hint names that run's seed and
+    folder; no run after it was started."""
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "torchdora", "finetune", "--compare", "lora,dora",
+           "--seeds", "4,5", "--model", str(tiny / "model"), "--data", str(tiny / "data.csv"),
+           "--label-column", "topic", "--batch-size", "8", "--max-steps", "3000",
+           "--progress", "log", "--output", str(out)]  # fmt: skip
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in parent.stderr:
+            if line.startswith("step "):  # the first log line of the first run: lora, seed 4
+                parent.send_signal(signal.SIGTERM)
+                break
+        _, err = parent.communicate(timeout=120)
+    finally:
+        parent.kill()
+    assert parent.returncode == 143, err
+    run = out / "lora" / "seed4"
+    [line] = cli_errors(err)
+    assert line.startswith(
+        "torchdora finetune: interrupted by SIGTERM during the lora run (seed 4) of --compare; "
+    )
+    assert (
+        f"--method lora --seed 4 --output {run} --resume {run / 'checkpoint'} in place of "
+        "--compare, --seeds and --output" in line
+    )
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["training_arguments"]["seed"] == 4  # the run got its seed
+    assert sorted(p.name for p in out.iterdir()) == ["lora"] and not (out / "compare.json").exists()
+
+
 CHILD = """
 import sys, time
 import torch
