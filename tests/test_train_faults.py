@@ -346,24 +346,31 @@ def test_cli_output_faults_are_one_line_errors(tiny, tmp_path, capsys, monkeypat
     assert kept == ["checkpoint", "decomposition.jsonl", "metrics.jsonl"]
 
 
-def test_cli_compare_interrupted_exits_130_with_a_hint_for_the_compare(tiny, tmp_path):
-    """Ctrl-C reaches only the ``--compare`` process (its runs have a process group of their
-    own): it passes the signal on once, the running method checkpoints, and it exits 130."""
-    out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "torchdora", "finetune", "--compare", "lora,dora",
+def interrupt_comparison(tiny, out: Path, signum: int, *flags: str) -> tuple[int, str]:
+    """Run ``torchdora finetune FLAGS`` (a comparison) in a process of its own, send it
+    ``signum`` at the first log line of its first run; its exit status and standard error."""
+    cmd = [sys.executable, "-m", "torchdora", "finetune", *flags,
            "--model", str(tiny / "model"), "--data", str(tiny / "data.csv"),
            "--label-column", "topic", "--batch-size", "8", "--max-steps", "3000",
            "--progress", "log", "--output", str(out)]  # fmt: skip
     parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in parent.stderr:
-            if line.startswith("step "):  # the first log line of the lora run
-                parent.send_signal(signal.SIGINT)
+            if line.startswith("step "):
+                parent.send_signal(signum)
                 break
         _, err = parent.communicate(timeout=120)
     finally:
         parent.kill()
-    assert parent.returncode == 130, err
+    return parent.returncode, err
+
+
+def test_cli_compare_interrupted_exits_130_with_a_hint_for_the_compare(tiny, tmp_path):
+    """Ctrl-C reaches only the ``--compare`` process (its runs have a process group of their
+    own): it passes the signal on once, the running method checkpoints, and it exits 130."""
+    out = tmp_path / "cmp"
+    returncode, err = interrupt_comparison(tiny, out, signal.SIGINT, "--compare", "lora,dora")
+    assert returncode == 130, err
     checkpoint = out / "lora" / "checkpoint"
     [line] = cli_errors(err)
     assert line.startswith(
@@ -377,21 +384,10 @@ def test_cli_seeds_study_interrupted_names_the_seed_run_to_finish(tiny, tmp_path
     """The same with ``--seeds``: SIGTERM, exit 143, and the hint names that run's seed and
     folder; no run after it was started."""
     out = tmp_path / "study"
-    cmd = [sys.executable, "-m", "torchdora", "finetune", "--compare", "lora,dora",
-           "--seeds", "4,5", "--model", str(tiny / "model"), "--data", str(tiny / "data.csv"),
-           "--label-column", "topic", "--batch-size", "8", "--max-steps", "3000",
-           "--progress", "log", "--output", str(out)]  # fmt: skip
-    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in parent.stderr:
-            if line.startswith("step "):  # the first log line of the first run: lora, seed 4
-                parent.send_signal(signal.SIGTERM)
-                break
-        _, err = parent.communicate(timeout=120)
-    finally:
-        parent.kill()
-    assert parent.returncode == 143, err
-    run = out / "lora" / "seed4"
+    flags = ("--compare", "lora,dora", "--seeds", "4,5")
+    returncode, err = interrupt_comparison(tiny, out, signal.SIGTERM, *flags)
+    assert returncode == 143, err
+    run = out / "lora" / "seed4"  # the first run: lora at seed 4
     [line] = cli_errors(err)
     assert line.startswith(
         "torchdora finetune: interrupted by SIGTERM during the lora run (seed 4) of --compare; "

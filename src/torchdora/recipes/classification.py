@@ -81,22 +81,17 @@ def run_classification(
     max_length = fitted_max_length(config, model, tokenizer, log)
     train_examples = tokenize_classification(tokenizer, train_data, max_length)
     test_examples = tokenize_classification(tokenizer, test_data, max_length)
-    collate = partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0)
     before, summary = train_and_evaluate(
         config,
         model,
+        tokenizer,
         train_examples,
-        data_collator=collate,
-        evaluate=partial(
-            evaluate_classification,
-            examples=test_examples,
-            data_collator=collate,
-            precision=config.precision,
-        ),
+        test_examples,
+        evaluate=evaluate_classification,
+        describe=_accuracy_line,
         analysed=analysed,
         output=output,
         log=log,
-        describe=_accuracy_line,
     )
     results = {
         "method": config.method,

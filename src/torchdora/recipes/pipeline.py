@@ -17,6 +17,7 @@ import dataclasses
 import json
 import resource
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,15 +32,13 @@ from torchdora.quantization import quantize_model
 from torchdora.recipes.methods import METHODS
 from torchdora.recipes.run_folder import run_folder
 from torchdora.recipes.tasks import Log, get_task
-from torchdora.train import Trainer, fit_max_length
+from torchdora.train import Trainer, fit_max_length, pad_collate
 
 if TYPE_CHECKING:
     from torch import nn
 
     from torchdora.recipes.settings import FinetuneConfig
-    from torchdora.train.batch import Batch, Example
-
-Evaluate = Callable[["nn.Module"], dict[str, float]]
+    from torchdora.train.batch import Example
 
 
 def run_finetune(config: FinetuneConfig, log: Log = print) -> dict[str, Any]:
@@ -133,30 +132,38 @@ def fitted_max_length(config: FinetuneConfig, model: nn.Module, tokenizer, log: 
 def train_and_evaluate(
     config: FinetuneConfig,
     model: nn.Module,
+    tokenizer,
     train_examples: Sequence[Example],
+    test_examples: Sequence[Example],
     *,
-    data_collator: Callable[[Sequence[Example]], Batch],
-    evaluate: Evaluate,
+    evaluate: Callable[..., dict[str, float]],
     describe: Callable[[str, dict[str, float]], str],
     analysed: list[str] | None,
     output: Path | None,
     log: Log,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Evaluate ``model``, train it with ``config``'s settings (resuming ``config.resume``) and
-    evaluate it again; returns ``(before, summary)``: ``evaluate``'s metrics before training and
-    :meth:`~torchdora.train.Trainer.train`'s summary (with the metrics after).
+    """Evaluate ``model`` on ``test_examples``, train it on ``train_examples`` with ``config``'s
+    settings (resuming ``config.resume``) and evaluate it again; returns ``(before, summary)``:
+    the metrics before training and :meth:`~torchdora.train.Trainer.train`'s summary (with the
+    metrics after).
 
-    ``describe(when, metrics)`` words the metrics before and after for the log. ΔM/ΔD of the
-    modules ``analysed`` (see :func:`adapt_model`) go to ``output`` at every log step
-    (:func:`decomposition_callbacks`)."""
-    before = evaluate(model)
+    Batches are padded with the tokenizer's pad token. ``evaluate(model, examples=…,
+    data_collator=…, precision=…)`` is the task's evaluation (e.g.
+    :func:`~torchdora.train.evaluate_classification`); ``describe(when, metrics)`` words its
+    metrics before and after for the log. ΔM/ΔD of the modules ``analysed`` (see
+    :func:`adapt_model`) go to ``output`` at every log step (:func:`decomposition_callbacks`)."""
+    collate = partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0)
+    held_out = partial(
+        evaluate, examples=test_examples, data_collator=collate, precision=config.precision
+    )
+    before = held_out(model)
     log(describe("before", before))
     trainer = Trainer(
         model,
         config.training_arguments(),
         train_examples,
-        data_collator=data_collator,
-        eval_fn=evaluate,
+        data_collator=collate,
+        eval_fn=held_out,
         callbacks=decomposition_callbacks(
             model, output, analysed, resuming=config.resume is not None
         ),

@@ -202,7 +202,10 @@ class FinetuneConfig:
         values = {str(key).replace("-", "_"): value for key, value in values.items()}
         unknown = sorted(set(values) - {spec.name for spec in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown settings: {unknown}")
+            raise ValueError(
+                f"unknown settings {unknown}: the settings are the flags of "
+                "`torchdora finetune --help`, with - or _"
+            )
         task = TASKS.get(values.get("task", cls.task))
         return cls(**{**(task.defaults if task else {}), **values})
 
@@ -245,7 +248,11 @@ class FinetuneConfig:
         """The :class:`~torchdora.train.TrainingArguments` of this run; a bad value is
         named by its setting here (``lr``), not by its name there (``learning_rate``)."""
         out = Path(self.output) if self.output else None
-        renamed = {spec.metadata["training"]: spec.name for spec in _training_fields()}
+        renamed = {
+            spec.metadata["training"]: spec.name
+            for spec in dataclasses.fields(self)
+            if spec.metadata["training"]
+        }
         try:
             return TrainingArguments(
                 **{training: getattr(self, name) for training, name in renamed.items()},
@@ -255,10 +262,6 @@ class FinetuneConfig:
         except ValueError as err:
             name, _, rest = str(err).partition(" ")
             raise ValueError(f"{renamed.get(name, name)} {rest}") from None
-
-
-def _training_fields() -> list[dataclasses.Field]:
-    return [spec for spec in dataclasses.fields(FinetuneConfig) if spec.metadata["training"]]
 
 
 def parse_targets(text: str) -> list[str] | str:
