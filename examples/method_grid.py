@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from torchdora.finetune import METHODS, FinetuneConfig, run_finetune
+from torchdora.recipes import METHODS, FinetuneConfig, run_finetune
 
 
 def parse() -> argparse.Namespace:

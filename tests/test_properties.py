@@ -19,8 +19,9 @@ see ``errors``) is bounded by ``max(FLOOR, FACTOR·yardstick, FACTOR·u·κ²)``
   float64: the float32 one scaled by the ratio of unit roundoffs ``u``);
 * ``κ²`` (``conditioning``) covers the factored norm, which sums ``n²`` from terms as large as
   ``(‖W_i‖ + s·‖|B_i| |A|‖)²`` and so loses ``u·κ²`` on a row whose update cancels the weight,
-  where the naive formula loses ``u·κ`` (DESIGN.md §1.1's trade for never building ``W + sBA``);
-* ``FLOOR`` is DESIGN.md's 1e-10 / 1e-5 for float64 / float32, 8·u for the 16-bit types.
+  where the naive formula loses ``u·κ`` (docs/design.md §1.1's trade for never building
+  ``W + sBA``);
+* ``FLOOR`` is docs/design.md §3's 1e-10 / 1e-5 for float64 / float32, 8·u for the 16-bit types.
 
 Measured over ~30k examples (the slow profile's strategies, every kind and dtype), the largest
 error was 1.5× ``max(FLOOR, yardstick, u·κ²)``; ``FACTOR = 8`` leaves room for unseen examples

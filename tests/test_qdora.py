@@ -34,7 +34,7 @@ from torchdora.quantization import (
 )
 
 PACKAGE = {m: "bitsandbytes" if m.startswith("bnb-") else "torchao" for m in QUANTIZATION_METHODS}
-TOL = 1e-5  # float32 against float64 (DESIGN.md §3)
+TOL = 1e-5  # float32 against float64 (docs/design.md §3)
 D_IN, D_OUT, RANK = 256, 128, 4  # torchao's NF4 needs a multiple of 64·256 weights
 CHUNK = 3000  # elements dequantized at a time: several chunks per weight in every test
 

@@ -23,7 +23,6 @@ from test_train_loop import make_examples, make_model, resume_run_args, trainabl
 
 from torchdora.train import CheckpointError, Trainer, load_checkpoint
 from torchdora.train import checkpoint as checkpoint_module
-from torchdora.train import trainer as trainer_module
 from torchdora.train.trainer import TrainingInterrupted
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
@@ -245,8 +244,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
 
 
 def test_no_room_for_a_checkpoint_fails_before_the_first_step(tmp_path, monkeypatch):
-    usage = trainer_module.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    usage = checkpoint_module.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     model = make_model()
     before = trainable(model)
     trainer = Trainer(model, resume_run_args(tmp_path / "c"), make_examples(22))
@@ -347,24 +346,31 @@ def test_cli_output_faults_are_one_line_errors(tiny, tmp_path, capsys, monkeypat
     assert kept == ["checkpoint", "decomposition.jsonl", "metrics.jsonl"]
 
 
-def test_cli_compare_interrupted_exits_130_with_a_hint_for_the_compare(tiny, tmp_path):
-    """Ctrl-C reaches only the ``--compare`` process (its runs have a process group of their
-    own): it passes the signal on once, the running method checkpoints, and it exits 130."""
-    out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "torchdora", "finetune", "--compare", "lora,dora",
+def interrupt_comparison(tiny, out: Path, signum: int, *flags: str) -> tuple[int, str]:
+    """Run ``torchdora finetune FLAGS`` (a comparison) in a process of its own, send it
+    ``signum`` at the first log line of its first run; its exit status and standard error."""
+    cmd = [sys.executable, "-m", "torchdora", "finetune", *flags,
            "--model", str(tiny / "model"), "--data", str(tiny / "data.csv"),
            "--label-column", "topic", "--batch-size", "8", "--max-steps", "3000",
            "--progress", "log", "--output", str(out)]  # fmt: skip
     parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in parent.stderr:
-            if line.startswith("step "):  # the first log line of the lora run
-                parent.send_signal(signal.SIGINT)
+            if line.startswith("step "):
+                parent.send_signal(signum)
                 break
         _, err = parent.communicate(timeout=120)
     finally:
         parent.kill()
-    assert parent.returncode == 130, err
+    return parent.returncode, err
+
+
+def test_cli_compare_interrupted_exits_130_with_a_hint_for_the_compare(tiny, tmp_path):
+    """Ctrl-C reaches only the ``--compare`` process (its runs have a process group of their
+    own): it passes the signal on once, the running method checkpoints, and it exits 130."""
+    out = tmp_path / "cmp"
+    returncode, err = interrupt_comparison(tiny, out, signal.SIGINT, "--compare", "lora,dora")
+    assert returncode == 130, err
     checkpoint = out / "lora" / "checkpoint"
     [line] = cli_errors(err)
     assert line.startswith(
@@ -372,6 +378,27 @@ def test_cli_compare_interrupted_exits_130_with_a_hint_for_the_compare(tiny, tmp
     )
     assert f"--method lora --output {out / 'lora'} --resume {checkpoint} in place of" in line
     assert (checkpoint / "trainer_state.json").is_file() and not (out / "dora").exists()
+
+
+def test_cli_seeds_study_interrupted_names_the_seed_run_to_finish(tiny, tmp_path):
+    """The same with ``--seeds``: SIGTERM, exit 143, and the hint names that run's seed and
+    folder; no run after it was started."""
+    out = tmp_path / "study"
+    flags = ("--compare", "lora,dora", "--seeds", "4,5")
+    returncode, err = interrupt_comparison(tiny, out, signal.SIGTERM, *flags)
+    assert returncode == 143, err
+    run = out / "lora" / "seed4"  # the first run: lora at seed 4
+    [line] = cli_errors(err)
+    assert line.startswith(
+        "torchdora finetune: interrupted by SIGTERM during the lora run (seed 4) of --compare; "
+    )
+    assert (
+        f"--method lora --seed 4 --output {run} --resume {run / 'checkpoint'} in place of "
+        "--compare, --seeds and --output" in line
+    )
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["training_arguments"]["seed"] == 4  # the run got its seed
+    assert sorted(p.name for p in out.iterdir()) == ["lora"] and not (out / "compare.json").exists()
 
 
 CHILD = """

@@ -1,24 +1,29 @@
-"""``torchdora`` command line: a thin front end over :mod:`torchdora.finetune`, :mod:`torchdora.io`
+"""``torchdora`` command line: a thin front end over :mod:`torchdora.recipes`, :mod:`torchdora.io`
 and :mod:`torchdora.analysis`. Bad input prints one line and exits with status 2; SIGINT/SIGTERM
-during training print where the checkpoint is and exit with 130/143."""
+during training print where the checkpoint is and exit with 130/143.
+
+The ``finetune`` flags are generated from the fields of :class:`~torchdora.recipes.FinetuneConfig`
+(:func:`setting_flags`); ``docs/cli.md`` holds the same reference (:func:`settings_table`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import re
 import signal
-import subprocess
 import sys
-import tempfile
+import types
+import typing
 import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-# torchdora.finetune (imported for the flags' help) loads all of these anyway.
 from torchdora.analysis import (
     DECOMPOSITION_FILE,
     analyze_runs,
@@ -26,67 +31,95 @@ from torchdora.analysis import (
     read_decomposition,
 )
 from torchdora.distributed import init_from_environment, launched_with_ranks
-from torchdora.finetune import (
-    METHODS,
-    TASKS,
-    FinetuneConfig,
-    evaluate_saved,
-    run_finetune,
-)
-from torchdora.finetune import (
-    predict as predict_labels,  # `predict` names a subparser in _parser
-)
 from torchdora.io import inspect_adapter
-from torchdora.quantization import QUANTIZATION_METHODS
-from torchdora.run_folder import check_run_folder
-from torchdora.train.optim import RECOMMENDED_MAGNITUDE_LR_RATIO
-from torchdora.train.precision import PRECISIONS
-from torchdora.train.progress import PROGRESS_MODES
+from torchdora.recipes import TASKS, FinetuneConfig, evaluate_saved, run_finetune
+from torchdora.recipes import predict as predict_labels  # `predict` names a subparser
+from torchdora.recipes.compare import COMPARE_RUN, parse_methods, parse_seeds, run_comparison
 
-
-def _one_of(values: tuple[str, ...]) -> str:
-    return "|".join(values)
-
-
-FLAGS: dict[str, tuple[type, str]] = {  # finetune flags: name -> (type, help); config-file keys
-    "task": (str, f"{_one_of(TASKS)}: classify texts, or tune a chat model on conversations"),
-    "method": (str, f"{_one_of(METHODS)} (the last two are baselines)"),
-    "rank": (int, "adapter rank r"),
-    "alpha": (float, "adapter scale numerator (the update is scaled by alpha/r)"),
-    "dropout": (float, "dropout on the adapter's input"),
-    "targets": (
-        str,
-        "modules to adapt: names separated by commas, all-linear, or a regular expression "
-        "(default: per architecture)",
+#: ``finetune`` options that are no setting of one run: flag -> (metavar, help).
+STUDY_FLAGS = {
+    "--config": (
+        "FILE",
+        "TOML/JSON/YAML file of settings: the keys are the flags' names, with - or _",
     ),
-    "model": (str, "local transformers model folder (default: the bundled model of the task)"),
-    "data": (str, "CSV/TSV/JSONL file (default: the bundled data of the task)"),
-    "text_column": (str, "column of --data holding the texts"),
-    "label_column": (str, "column of --data holding the labels"),
-    "test_size": (float, "fraction of the data held out for evaluation"),
-    "max_length": (int, "tokens per text (longer texts are truncated)"),
-    "epochs": (int, "passes over the training data (ignored with --max-steps)"),
-    "max_steps": (int, "optimizer steps of the run"),
-    "lr": (float, "learning rate"),
-    "magnitude_lr": (
-        float,
-        f"learning rate of DoRA's magnitude (default: {RECOMMENDED_MAGNITUDE_LR_RATIO:g} x --lr)",
+    "--compare": (
+        "METHODS",
+        "comma-separated methods to train side by side, each in a fresh process into "
+        "DIR/<method> (e.g. lora,dora)",
     ),
-    "loraplus_ratio": (float, "LoRA+: lora_B's learning rate is this times --lr (1: off)"),
-    "batch_size": (int, "examples per micro-batch"),
-    "grad_accum": (int, "micro-batches per optimizer step"),
-    "precision": (str, _one_of(PRECISIONS)),
-    "seed": (int, "random seed (new weights, data order)"),
-    "eval_steps": (int, "evaluate every this many steps (default: at the end only)"),
-    "save_steps": (int, "write the checkpoint every this many steps (default: at the end only)"),
-    "quantize": (str, f"quantize every Linear but the head first: {_one_of(QUANTIZATION_METHODS)}"),
-    "output": (str, "run folder to write (default: write nothing)"),
-    "resume": (str, "checkpoint/ folder of an earlier run to continue"),
-    "overwrite": (bool, "remove an earlier run's files from --output first"),
-    "progress": (str, f"{_one_of(PROGRESS_MODES)} (auto: a bar on a terminal, else lines)"),
+    "--seeds": (
+        "SEEDS",
+        "comma-separated seeds: every method at every seed into DIR/<method>/seed<k>, "
+        "reported as mean ± std and paired differences (e.g. 0,1,2)",
+    ),
 }
-#: Set in the environment of a ``--compare`` run, whose parent reports an interrupt.
-COMPARE_RUN = "TORCHDORA_COMPARE_RUN"
+
+
+# ---------------------------------------------------------------------------- the flags
+def setting_flags() -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(flag, argparse options)`` of every :class:`~torchdora.recipes.FinetuneConfig` field."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    for spec in dataclasses.fields(FinetuneConfig):
+        options: dict[str, Any] = {"dest": spec.name, "help": describe_setting(spec)}
+        kind = _flag_type(hints[spec.name])
+        if kind is bool:
+            options["action"] = "store_true"
+        else:
+            options.update(type=kind, metavar=_metavar(spec))
+        yield "--" + spec.name.replace("_", "-"), options
+
+
+def describe_setting(spec: dataclasses.Field) -> str:
+    """A setting's help: its allowed values, what it does, and its default (and any task's)."""
+    text = spec.metadata["help"]
+    if spec.metadata["choices"] is not None:
+        text = f"{'|'.join(spec.metadata['choices']())}: {text}"
+    defaults = [
+        f"{task.name}: {_show(task.defaults[spec.name])}"
+        for task in TASKS.values()
+        if spec.name in task.defaults
+    ]
+    default = spec.metadata["default_help"]
+    if default is None and spec.default is not None and spec.default is not False:
+        default = _show(spec.default)
+    if default is not None:
+        defaults.insert(0, f"default: {default}")
+    return f"{text} ({'; '.join(defaults)})" if defaults else text
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _flag_type(hint: Any) -> Callable[[str], Any]:
+    """What turns a flag's text into the field's value: ``int``, ``float``, ``str``, ``bool``
+    (a switch); an optional number also takes ``none``."""
+    if not isinstance(hint, types.UnionType):
+        return hint
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+    if len(kinds) > 1 or kinds[0] not in (int, float):  # targets: a list or a string
+        return str
+    return partial(_number_or_none, kinds[0])
+
+
+def _number_or_none(kind: type, text: str) -> Any:
+    return None if text.lower() == "none" else kind(text)
+
+
+def _metavar(spec: dataclasses.Field) -> str:
+    return "NAME" if spec.metadata["choices"] is not None else spec.name.upper()
+
+
+def settings_table() -> str:
+    """The ``finetune`` flags as the Markdown table ``docs/cli.md`` holds."""
+    rows = ["| flag | what it sets |", "| --- | --- |"]
+    for flag, options in setting_flags():
+        value = "" if options.get("action") else f" {options['metavar']}"
+        text = options["help"].replace("|", "\\|")
+        rows.append(f"| `{flag}{value}` | {text} |")
+    for flag, (metavar, text) in STUDY_FLAGS.items():
+        rows.append(f"| `{flag} {metavar}` | {text} |")
+    return "\n".join(rows)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,16 +134,11 @@ def _parser() -> argparse.ArgumentParser:
         "--task causal-lm a chat model (default: SmolLM2-135M-Instruct on the ChatterBot corpus)",
         argument_default=argparse.SUPPRESS,
     )
-    for name, (kind, text) in FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            finetune.add_argument(flag, dest=name, action="store_true", help=text)
-        else:
-            finetune.add_argument(flag, dest=name, type=kind, help=text)
-    finetune.add_argument(
-        "--config", dest="config_file", help="TOML/JSON/YAML file with the same keys"
-    )
-    finetune.add_argument("--compare", help="comma-separated methods to train side by side")
+    for flag, options in setting_flags():
+        finetune.add_argument(flag, **{**options, "help": options["help"].replace("%", "%%")})
+    for flag, (metavar, text) in STUDY_FLAGS.items():
+        dest = "config_file" if flag == "--config" else flag.strip("-")
+        finetune.add_argument(flag, dest=dest, metavar=metavar, help=text.replace("%", "%%"))
 
     evaluate = sub.add_parser("evaluate", help="held-out accuracy of a saved adapter or model")
     predict = sub.add_parser("predict", help="classify a few texts with a saved adapter or model")
@@ -146,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------- config files
 def _load_yaml(text: str) -> Any:
     """``text`` read by PyYAML's safe loader, with YAML 1.2's floats: PyYAML follows YAML 1.1,
     whose floats need a dot and a signed exponent, so ``1e-3`` would be the string ``'1e-3'``."""
@@ -190,18 +219,23 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
+# ---------------------------------------------------------------------------- the commands
 def _finetune(args: argparse.Namespace) -> int:
     import torch.distributed
 
     flags = vars(args).copy()
-    config_file, compare = flags.pop("config_file", None), flags.pop("compare", None)
     flags.pop("command", None)
+    config_file = flags.pop("config_file", None)
+    compare, seeds = flags.pop("compare", None), flags.pop("seeds", None)
     values = _read_config_file(config_file) if config_file else {}
     values.update(flags)
-    if compare is not None:
+    if compare is not None or seeds is not None:
         if launched_with_ranks():
-            raise ValueError("--compare runs each method in a fresh process: not under torchrun")
-        return _compare(values, [m.strip() for m in compare.split(",") if m.strip()])
+            raise ValueError(
+                "--compare and --seeds run each run in a fresh process: not under torchrun"
+            )
+        methods = parse_methods(compare) if compare is not None else None
+        return run_comparison(values, methods, parse_seeds(seeds) if seeds is not None else None)
     config = FinetuneConfig.from_dict(values)
     distributed = init_from_environment()  # under torchrun: DDP over its ranks
     try:
@@ -210,84 +244,6 @@ def _finetune(args: argparse.Namespace) -> int:
         if distributed:
             torch.distributed.destroy_process_group()
     return 0
-
-
-def _compare(values: dict[str, Any], methods: list[str]) -> int:
-    """Train each method in a fresh process (so peak memory is its own) with the same seed,
-    data and budget, then print a side-by-side table."""
-    if values.get("task", "classification") != "classification":
-        raise ValueError("--compare tabulates accuracy: it supports --task classification only")
-    if not methods:
-        raise ValueError("--compare needs at least one method, e.g. --compare lora,dora")
-    repeated = sorted({method for method in methods if methods.count(method) > 1})
-    if repeated:
-        raise ValueError(f"--compare lists {', '.join(repeated)} more than once")
-    if values.get("resume") is not None:
-        raise ValueError("--compare starts its runs afresh: resume a run on its own")
-    for method in methods:
-        FinetuneConfig.from_dict({**values, "method": method})  # fail fast on bad settings
-    output = values.get("output")
-    root = Path(output or tempfile.mkdtemp(prefix="torchdora-compare-"))
-    for method in methods:  # before the first run: not half-way through the comparison
-        check_run_folder(root / method, resume=False, overwrite=bool(values.get("overwrite")))
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="torchdora-compare-") as settings:
-        for method in methods:
-            run = root / method
-            config_path = Path(settings) / f"{method}.json"
-            config_path.write_text(json.dumps({**values, "method": method, "output": str(run)}))
-            print(f"== {method} ==", flush=True)
-            cmd = [sys.executable, "-m", "torchdora", "finetune", "--config", str(config_path)]
-            returncode = _run_compare_run(cmd)
-            if returncode - 128 in (signal.SIGINT, signal.SIGTERM):
-                hint = _compare_interrupted(returncode - 128, method, run)
-                print(f"torchdora finetune: {hint}", file=sys.stderr)
-                return returncode
-            if returncode != 0:
-                raise RuntimeError(f"the {method} run failed (see its output above)")
-            rows.append(json.loads((run / "metrics.json").read_text()))
-    header = ("method", "acc before", "acc after", "trainable", "s/step", "peak MB")
-    width = max(len(m) for m in methods) + 2
-    print(f"\n{{:<{width}}}{{:>12}}{{:>11}}{{:>12}}{{:>9}}{{:>9}}".format(*header))
-    for row in rows:
-        print(
-            f"{row['method']:<{width}}{row['accuracy_before']:>12.4f}{row['accuracy_after']:>11.4f}"
-            f"{row['trainable_parameters']:>12,}{row['time_per_step_s']:>9.3f}{row['peak_rss_mb']:>9.0f}"
-        )
-    print(f"runs in {root}")
-    return 0
-
-
-def _run_compare_run(cmd: list[str]) -> int:
-    """Run one method of ``--compare`` and return its exit status. It runs in a session of its
-    own, so Ctrl-C reaches this process alone, which passes a SIGINT or SIGTERM on to it once:
-    the run checkpoints and stops as a plain run does, and leaves the report to this one."""
-    child = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, COMPARE_RUN: "1"})
-
-    def forward(signum: int, frame: Any) -> None:
-        child.send_signal(signum)
-
-    previous = {
-        signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        return child.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _compare_interrupted(signum: int, method: str, run: Path) -> str:
-    """What to do after a signal stopped the ``method`` run (folder ``run``) of ``--compare``."""
-    checkpoint = run / "checkpoint"
-    again = "rerun the same command with --overwrite to start the comparison again"
-    if checkpoint.is_dir():
-        again = (
-            f"its checkpoint is in {checkpoint}: to finish that run, rerun with --method {method} "
-            f"--output {run} --resume {checkpoint} in place of --compare and --output, or {again}"
-        )
-    name = signal.Signals(signum).name
-    return f"interrupted by {name} during the {method} run of --compare; {again}"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -313,7 +269,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from torchdora.generate import generate_reply, load_generator
+    from torchdora.recipes import generate_reply, load_generator
 
     if args.max_new_tokens < 1:  # before the model load, not after
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -361,6 +317,16 @@ COMMANDS = {
 }
 
 
+def _quiet_dependencies() -> None:
+    """The program's output is its own lines: ``transformers`` reports only errors and shows no
+    progress bars of its own (its load report lists the new classification head as missing,
+    which the run says in its words). Set in the environment before ``transformers`` is
+    imported; ``TRANSFORMERS_VERBOSITY=warning`` or ``HF_HUB_DISABLE_PROGRESS_BARS=0`` bring
+    them back."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``torchdora`` console script and ``python -m torchdora``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -377,13 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if as_program and args.command == "finetune":
-        from torchdora.train.allocator import keep_freed_memory
+    if as_program:  # the process is ours to configure
+        _quiet_dependencies()
+        if args.command == "finetune" and not launched_with_ranks():
+            from torchdora.train.allocator import keep_freed_memory
 
-        # The process is ours: keep memory between training steps. Not under torchrun: there
-        # a gloo rank aborted at exit ("terminate called…") in 2 of 15 test runs with it, 0 of 20
-        # without.
-        if not launched_with_ranks():
+            # Keep memory between training steps. Not under torchrun, where with it a gloo
+            # rank can abort at exit ("terminate called…").
             keep_freed_memory()
     try:
         with warnings.catch_warnings():
@@ -402,6 +368,6 @@ def main(argv: list[str] | None = None) -> int:
             detail += (
                 f"; checkpoint in {checkpoint}: rerun the same command with --resume {checkpoint}"
             )
-        if COMPARE_RUN not in os.environ:  # a --compare run's parent reports it
+        if COMPARE_RUN not in os.environ:  # a comparison's parent process reports it
             print(f"torchdora {args.command}: interrupted{detail}", file=sys.stderr)
         return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

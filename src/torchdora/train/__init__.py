@@ -18,23 +18,22 @@ from torchdora.train.batch import (
     pad_collate,
     tokenize_classification,
 )
-from torchdora.train.causal_lm import (
-    Conversation,
-    bundled_causal_lm_path,
-    evaluate_causal_lm,
-    load_causal_lm,
-    load_chatterbot_corpus,
-    load_conversations,
-    split_conversations,
-    tokenize_conversation,
-    tokenize_conversations,
-)
 from torchdora.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
     trainable_state_dict,
+)
+from torchdora.train.conversations import (
+    Conversation,
+    first_prompt,
+    load_chatterbot_corpus,
+    load_conversations,
+    render_prompt,
+    split_conversations,
+    tokenize_conversation,
+    tokenize_conversations,
 )
 from torchdora.train.data import (
     DataError,
@@ -44,20 +43,25 @@ from torchdora.train.data import (
     load_text_classification,
     train_test_split,
 )
-from torchdora.train.evaluate import evaluate_classification
+from torchdora.train.evaluate import evaluate_causal_lm, evaluate_classification
 from torchdora.train.optim import create_optimizer, get_parameter_groups, parameter_group_name
 from torchdora.train.precision import autocast
 from torchdora.train.pretrained import (
+    SMOLLM2,
     ModelLoadError,
+    bundled_causal_lm_path,
     bundled_model_path,
+    load_causal_lm,
     load_sequence_classifier,
 )
 from torchdora.train.progress import ProgressReporter
 from torchdora.train.schedule import WarmupDecay, get_scheduler
 from torchdora.train.seed import get_rng_state, set_rng_state, set_seed
+from torchdora.train.stopping import TrainingInterrupted
 from torchdora.train.trainer import Trainer, model_loss
 
 __all__ = [
+    "SMOLLM2",
     "CheckpointError",
     "Conversation",
     "DataError",
@@ -66,6 +70,7 @@ __all__ = [
     "TextClassificationData",
     "Trainer",
     "TrainingArguments",
+    "TrainingInterrupted",
     "WarmupDecay",
     "autocast",
     "bundled_causal_lm_path",
@@ -77,6 +82,7 @@ __all__ = [
     "epoch_batches",
     "evaluate_causal_lm",
     "evaluate_classification",
+    "first_prompt",
     "fit_max_length",
     "from_labelled_texts",
     "get_parameter_groups",
@@ -94,6 +100,7 @@ __all__ = [
     "pad_collate",
     "parameter_group_name",
     "read_trainer_state",
+    "render_prompt",
     "save_checkpoint",
     "set_rng_state",
     "set_seed",

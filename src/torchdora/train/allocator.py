@@ -4,11 +4,10 @@ PyTorch allocates CPU tensors with the C library's ``malloc``. glibc gives freed
 top of its heap back to the system once more than ``M_TRIM_THRESHOLD`` of it is free (by
 default twice the largest tensor freed so far), so a training loop, which frees its
 activations at the end of every step, has the kernel hand it zeroed pages again on the next:
-one page fault per 4 KiB, ~1.2 µs each on the machine of ``benchmarks/RESULTS.md``. A DoRA layer
-keeps one activation more than a LoRA layer and crosses that threshold more often: on one
-384 × 384 layer at 1024 tokens, 450 faults per step against LoRA's 140–230, and DoRA/LoRA
-1.24–1.29 with the default against 1.15–1.16 with freed memory kept. The CUDA caching allocator
-does the same keeping on GPU; jemalloc or tcmalloc do it on CPU when preloaded.
+one page fault per 4 KiB. A DoRA layer keeps one activation more than a LoRA layer and crosses
+that threshold more often, so the faults weigh on DoRA's step more than on LoRA's
+(``benchmarks/RESULTS.md`` measures both). The CUDA caching allocator does the same keeping on
+GPU; jemalloc or tcmalloc do it on CPU when preloaded.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,60 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(state["rng"])
     return trainer_state
+
+
+def check_checkpoint_dir(directory: Path, model: nn.Module) -> None:
+    """Fail before the first step, not at the first save, if ``directory`` cannot take a
+    checkpoint of ``model``: its parent is not a writable folder, or the disk has no room."""
+    parent = directory.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoints to {directory}: {err.strerror or err}"
+        ) from None
+    # the new checkpoint is staged beside the old one: room for one more is needed
+    tensors = [p for p in model.parameters() if p.requires_grad]
+    need = 3 * sum(p.numel() * p.element_size() for p in tensors)  # weights + Adam's two
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise CheckpointError(
+            f"not enough disk space for checkpoints in {directory}: about "
+            f"{need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free"
+        )
+
+
+#: what a resumed run must share with the run that saved the checkpoint: its data order and length
+RESUME_KEYS = (
+    "num_training_steps",
+    "world_size",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+)
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose trainer state ``saved`` (``num_training_steps``,
+    ``world_size``, ``training_arguments``) differs from ``now`` in :data:`RESUME_KEYS`:
+    resuming it would not continue that run."""
+
+    def flat(state: dict[str, Any]) -> dict[str, Any]:
+        world_size = state.get("world_size", 1)  # checkpoints from before DDP support
+        return {
+            "num_training_steps": state.get("num_training_steps"),
+            **state.get("training_arguments", {}),
+            "world_size": world_size,
+        }
+
+    before, after = flat(saved), flat(now)
+    changed = [
+        f"{k} {before.get(k)} -> {after[k]}" for k in RESUME_KEYS if before.get(k) != after[k]
+    ]
+    if changed:
+        raise CheckpointError(
+            f"the checkpoint was saved by a run with other settings ({', '.join(changed)}); "
+            "resume with the settings it was saved with"
+        )

