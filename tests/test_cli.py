@@ -412,6 +412,25 @@ def test_dora_with_frozen_magnitude_keeps_the_initial_norms(tiny, tmp_path):
     assert json.loads(records[-1])["method"] == "DoRA (frozen m)"
 
 
+def test_dora_without_normalisation_runs_saves_and_evaluates(tiny, tmp_path, capsys):
+    out = tmp_path / "no-norm"
+    assert finetune(tiny, out, "--method", "dora-no-norm") == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "TORCHDORA_DORA_NO_NORM" and config["use_dora"] is True
+    records = (out / "decomposition.jsonl").read_text().splitlines()
+    assert json.loads(records[-1])["method"] == "DoRA (no norm)"
+    accuracy = json.loads((out / "metrics.json").read_text())["accuracy_after"]
+    capsys.readouterr()
+    assert main(["inspect", str(out / "adapter")]) == 0
+    assert "DoRA without normalisation" in capsys.readouterr().out
+    args = ["--model", str(tiny / "model"), "--adapter", str(out / "adapter")]
+    assert (
+        main(["evaluate", *args, "--data", str(tiny / "data.csv"), "--label-column", "topic"]) == 0
+    )
+    assert capsys.readouterr().out.startswith("accuracy ")
+    assert 0.0 <= accuracy <= 1.0
+
+
 def test_qdora_run_with_quantized_base(tiny, tmp_path):
     out = tmp_path / "run"
     assert finetune(tiny, out, "--quantize", "bnb-nf4", "--max-steps", "2") == 0

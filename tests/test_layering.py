@@ -13,10 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src"
 APP_LAYER = ("torchdora.recipes", "torchdora.cli", "torchdora.__main__")
 MAX_LINES = 450
-#: Files over MAX_LINES that are being split elsewhere; remove an entry once its file is split.
-TOO_LONG_FOR_NOW = {
-    "torchdora/layers/base.py",  # the integrator splits it (issue 27, item 4)
-}
 
 
 def module_files() -> dict[str, Path]:
@@ -154,6 +150,4 @@ def test_no_module_over_450_lines():
         for path in MODULES.values()
     }
     too_long = {name: n for name, n in lengths.items() if n > MAX_LINES}
-    assert set(too_long) <= TOO_LONG_FOR_NOW, f"split these by job: {too_long}"
-    split = sorted(TOO_LONG_FOR_NOW - set(too_long))
-    assert not split, f"{split} fit now: remove them from TOO_LONG_FOR_NOW"
+    assert not too_long, f"split these by job: {too_long}"

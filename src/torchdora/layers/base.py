@@ -20,6 +20,7 @@ from torchdora.layers.access import AdapterAccess
 from torchdora.layers.adapter import DoRAAdapter, check_adapter_name
 from torchdora.layers.cache import TensorCache
 from torchdora.layers.initialization import AdapterInitialization
+from torchdora.layers.merging import AdapterMerging
 from torchdora.layers.rows import RowAdapters, forward_rows
 
 
@@ -47,7 +48,7 @@ def _delegate(name: str) -> property:
     return property(read, doc=f"The active adapter's ``{name}``.")
 
 
-class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
+class DoRALayer(AdapterInitialization, AdapterMerging, AdapterAccess, nn.Module):
     """Base of the DoRA layer kinds: a frozen ``base_layer`` and named adapters (``A``, ``B``, m).
 
     The weight is viewed as a matrix ``W`` of shape ``(out_features, in_features)`` whose
@@ -371,65 +372,6 @@ class DoRALayer(AdapterInitialization, AdapterAccess, nn.Module):
             return self.inference_scale(a)
         norm = self.row_norm(a)
         return a.magnitude.to(norm.dtype) / norm
-
-    # ----------------------------------------------------------------- merging
-    def merge(self, adapter_name: str | None = None) -> None:
-        """Write ``W'`` of ``adapter_name`` (default: the active adapter) into the base weight;
-        the forward then runs the base layer alone. One adapter is merged at a time."""
-        name = self.active_adapter if adapter_name is None else adapter_name
-        if self.merged_adapter == name:
-            return
-        adapter = self.get_adapter(name)
-        if self.merged:
-            raise RuntimeError(
-                f"adapter {self.merged_adapter!r} is merged already; unmerge() before merging "
-                f"{name!r} (the norm of a DoRA adapter is taken over its own W + s·B A, so two "
-                "merged DoRA adapters would not compute what either adapter does)"
-            )
-        self._check_initialized(adapter)
-        if is_dtensor(self.base_weight):
-            raise RuntimeError(
-                "merging a sharded (FSDP2) layer is not supported: save the adapter "
-                "(save_adapter gathers it) and merge in one process (load_adapter, then "
-                "merge_and_unload)"
-            )
-        with torch.no_grad():
-            merged, self._merge_norm = DF.merge_weight(
-                self.weight_matrix(),
-                adapter.lora_A,
-                adapter.lora_B,
-                adapter.magnitude,
-                adapter.scaling,
-                adapter.eps,
-                normalize=adapter.normalize,
-            )
-            self.store_weight_matrix(merged)
-        self.merged_adapter = name
-
-    def unmerge(self) -> None:
-        """Restore the base weight ``W`` (to rounding) after :meth:`merge`."""
-        if not self.merged:
-            return
-        adapter = self.get_adapter(self.merged_adapter)
-        with torch.no_grad():
-            self.store_weight_matrix(
-                DF.unmerge_weight(
-                    self.weight_matrix(),
-                    adapter.lora_A,
-                    adapter.lora_B,
-                    adapter.magnitude,
-                    adapter.scaling,
-                    self._merge_norm,
-                )
-            )
-        self._merge_norm = None
-        self.merged_adapter = None
-
-    def merge_and_unload(self, adapter_name: str | None = None) -> nn.Module:
-        """Merge ``adapter_name`` (default: the active adapter) in place and return the base
-        layer, now a plain module holding its ``W'``; the other adapters are dropped with it."""
-        self.merge(adapter_name)
-        return self.base_layer
 
     # ----------------------------------------------------------------- helpers for forward
     #: how a per-row scale ``(d_out,)`` broadcasts against this kind's output

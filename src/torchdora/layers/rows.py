@@ -16,15 +16,10 @@ and ``_scale_shape``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from torchdora import functional as DF
-
-if TYPE_CHECKING:
-    from torchdora.layers.base import DoRALayer
 
 
 class RowAdapters:
@@ -51,7 +46,7 @@ class RowAdapters:
         return self._groups[device]
 
 
-def check_rows(layer: DoRALayer, x: Tensor, rows: RowAdapters) -> None:
+def check_rows(layer: nn.Module, x: Tensor, rows: RowAdapters) -> None:
     """Refuse an input whose first dimension is not one row per adapter name."""
     if x.dim() == 0 or x.shape[0] != len(rows):
         raise ValueError(
@@ -66,10 +61,10 @@ def check_rows(layer: DoRALayer, x: Tensor, rows: RowAdapters) -> None:
         )
 
 
-def forward_rows(layer: DoRALayer, x: Tensor, rows: RowAdapters) -> Tensor:
-    """``layer``'s output with each row of ``x`` computed by its own adapter (see the module
-    docstring); rows of ``None``, of an adapter this layer lacks, or of a disabled layer get the
-    base output."""
+def forward_rows(layer: nn.Module, x: Tensor, rows: RowAdapters) -> Tensor:
+    """A :class:`~torchdora.DoRALayer`'s output, each row of ``x`` computed by its own adapter
+    (see the module docstring); rows of ``None``, of an adapter this layer lacks, or of a
+    disabled layer get the base output."""
     check_rows(layer, x, rows)
     base, bias, out = layer._rows_base(x), layer._rows_bias(), None
     for name, index in rows.groups(x.device):

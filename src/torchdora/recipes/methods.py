@@ -38,6 +38,11 @@ METHODS: dict[str, Method] = {
             {"use_dora": True, "magnitude_trainable": False},
         ),
         Method(
+            "dora-no-norm",
+            "DoRA without normalisation: m ⊙ (W + sBA) / ‖W‖, the base's norms fixed (a baseline)",
+            {"use_dora": True, "normalize": False},
+        ),
+        Method(
             "full",
             "full fine-tuning of the modules the adapters would target (a baseline)",
             None,
