@@ -12,6 +12,7 @@ import pytest
 import test_cli
 import torch
 
+import torchdora
 from torchdora.cli import main
 from torchdora.train import (
     DataError,
@@ -337,6 +338,62 @@ def test_generate_merged_equals_unmerged(tiny, trained, capsys):
     assert capsys.readouterr().out != unmerged  # the adapter does change the answer
 
 
+def test_generate_serves_several_adapters_in_one_mixed_batch(tiny, trained, tmp_path, capsys):
+    """Answers of a prompts file over two adapters and the base, in one mixed batch, equal
+    the answers of one adapter at a time, prompt by prompt."""
+    from torchdora.io import load_adapter, save_adapter
+
+    other = tmp_path / "other"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny / "model")
+    load_adapter(model, trained / "adapter")
+    with torch.no_grad():
+        for _, layer in torchdora.dora_modules(model):
+            layer.lora_B.mul_(-0.7)
+            layer.magnitude.mul_(1.1)
+    save_adapter(model, other)
+    folders = {"a": trained / "adapter", "b": other}
+    prompts = ["what colour is the pink owl?", "what colour is the red cat?", "hello"]
+    requests = [("a", prompts[0]), ("b", prompts[1]), (None, prompts[2]), ("b", prompts[0])]
+    prompts_file = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts_file, [{"adapter": a, "prompt": p} for a, p in requests])
+    base = ["generate", "--model", str(tiny / "model"), "--max-new-tokens", "12"]
+    named = [arg for name, path in folders.items() for arg in ("--adapter", f"{name}={path}")]
+    assert main([*base, *named, "--prompts", str(prompts_file)]) == 0
+    blocks = capsys.readouterr().out.strip().split("\n\n")
+    together = {tuple(b.split("\n", 1)[0].split(" > ", 1)): b.split("\n", 1)[1] for b in blocks}
+    assert len(together) == len(requests)
+    for adapter, prompt in requests:
+        alone = [] if adapter is None else ["--adapter", str(folders[adapter])]
+        assert main([*base, *alone, prompt]) == 0
+        expected = capsys.readouterr().out.strip()
+        assert together[(f"[{adapter or 'base'}]", prompt)].strip() == expected, (adapter, prompt)
+    assert together[("[a]", prompts[0])] != together[("[b]", prompts[0])]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--adapter", "a=x", "--adapter", "b=y", "hi"], "several --adapter need --prompts FILE"),
+        (["--adapter", "a.b=x", "hi"], "adapter name 'a.b' is not usable"),
+        (["--adapter", "a=x", "--adapter", "a=y", "hi"], "the name 'a' is given twice"),
+        (["--prompts", "missing.jsonl"], "missing.jsonl does not exist"),
+        ([], "give one or more prompts"),
+    ],
+)
+def test_generate_several_adapters_bad_input_is_one_line_exit_2(tiny, capsys, args, message):
+    assert main(["generate", "--model", str(tiny / "model"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchdora generate: error:") and message in err
+
+
+def test_generate_prompts_file_names_bad_lines(tiny, trained, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"adapter": "a", "prompt": "hi"}\n{"adapter": "zz", "prompt": "hi"}\n')
+    argv = ["generate", "--model", str(tiny / "model"), "--adapter", f"a={trained / 'adapter'}"]
+    assert main([*argv, "--prompts", str(prompts)]) == 2
+    assert "line 2: adapter 'zz' is not one of --adapter ['a']" in capsys.readouterr().err
+
+
 def adapted_layers(tiny) -> list[str]:
     """What ``--targets all-linear`` adapts, found independently: every Linear but the head."""
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny / "model")
@@ -400,7 +457,7 @@ def test_qdora_run_keeps_the_head_in_full_precision_and_merges_to_plain_weights(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--merge"], "--merge needs an --adapter"),
+        (["--merge"], "--merge needs exactly one --adapter"),
         (["--adapter", "no-such-folder"], "no-such-folder does not exist"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ],

@@ -159,12 +159,23 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--model", default="smollm2", help="model folder or .gguf file (default: smollm2)"
     )
-    generate.add_argument("--adapter", help="a causal-LM run's adapter/ folder")
+    generate.add_argument(
+        "--adapter",
+        action="append",
+        help="a causal-LM run's adapter/ folder, or NAME=FOLDER; repeat it for several adapters "
+        "(with --prompts)",
+    )
+    generate.add_argument(
+        "--prompts",
+        dest="prompts_file",
+        help='JSONL file of {"adapter": NAME or null, "prompt": ...} lines, answered together in '
+        "mixed-adapter batches",
+    )
     generate.add_argument(
         "--merge", action="store_true", help="merge the adapter into the weights first"
     )
     generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
-    generate.add_argument("prompts", nargs="+", help="user messages, each answered in turn")
+    generate.add_argument("prompts", nargs="*", help="user messages, each answered in turn")
 
     inspect = sub.add_parser("inspect", help="what an adapter folder holds")
     inspect.add_argument("path")
@@ -269,11 +280,26 @@ def _predict(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from torchdora.recipes import generate_reply, load_generator
+    from torchdora.recipes import generate_reply, load_generator, parse_adapters, read_prompts
 
     if args.max_new_tokens < 1:  # before the model load, not after
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    model, tokenizer = load_generator(args.model, args.adapter, merge=args.merge)
+    adapters = parse_adapters(args.adapter)
+    if args.prompts_file is not None:
+        if args.prompts:
+            raise ValueError("give the prompts either as arguments or in --prompts FILE, not both")
+        requests = read_prompts(args.prompts_file, list(adapters))
+        model, tokenizer = load_generator(args.model, adapters, merge=args.merge)
+        _answer_together(model, tokenizer, requests, args.max_new_tokens)
+        return 0
+    if not args.prompts:
+        raise ValueError("give one or more prompts, or --prompts FILE")
+    if len(adapters) > 1:
+        raise ValueError(
+            "several --adapter need --prompts FILE, whose lines say which adapter answers which "
+            "prompt"
+        )
+    model, tokenizer = load_generator(args.model, adapters, merge=args.merge)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     for prompt in args.prompts:
         if len(args.prompts) > 1:
@@ -282,6 +308,18 @@ def _generate(args: argparse.Namespace) -> int:
             model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, streamer=streamer
         )
     return 0
+
+
+def _answer_together(model, tokenizer, requests, max_new_tokens: int) -> None:
+    """Answer every ``(adapter, prompt)`` in one mixed-adapter batch, printing each answer with
+    its adapter's name as soon as it is complete."""
+    from torchdora.recipes import generate_replies
+
+    def show(index: int, text: str) -> None:
+        adapter, prompt = requests[index]
+        print(f"[{adapter or 'base'}] > {prompt}\n{text}\n", flush=True)
+
+    generate_replies(model, tokenizer, requests, max_new_tokens=max_new_tokens, on_answer=show)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -9,7 +9,13 @@
 from torchdora.recipes import causal_lm, classification  # each registers its task
 from torchdora.recipes.causal_lm import run_causal_lm
 from torchdora.recipes.classification import evaluate_saved, predict, run_classification
-from torchdora.recipes.generate import generate_reply, load_generator
+from torchdora.recipes.generate import (
+    generate_replies,
+    generate_reply,
+    load_generator,
+    parse_adapters,
+    read_prompts,
+)
 from torchdora.recipes.methods import METHODS, Method
 from torchdora.recipes.pipeline import run_finetune
 from torchdora.recipes.settings import FinetuneConfig, parse_targets
@@ -25,11 +31,14 @@ __all__ = [
     "causal_lm",
     "classification",
     "evaluate_saved",
+    "generate_replies",
     "generate_reply",
     "get_task",
     "load_generator",
+    "parse_adapters",
     "parse_targets",
     "predict",
+    "read_prompts",
     "register_task",
     "run_causal_lm",
     "run_classification",
