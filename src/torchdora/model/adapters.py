@@ -8,7 +8,9 @@ adapters on different rows instead, and ``combine_adapters`` builds one adapter 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
@@ -122,3 +124,16 @@ def drop_adapter(model: nn.Module, name: str) -> None:
         if not _names_of(module):
             base = module.base_layer if isinstance(module, DoRALayer) else module.original_module
             model.set_submodule(module_name, base)
+
+
+@contextmanager
+def attribute_set(modules: Sequence[nn.Module], attribute: str, value: Any) -> Iterator[None]:
+    """Set ``attribute`` on every module for the block; restore each one's own value after."""
+    previous = [getattr(module, attribute) for module in modules]
+    for module in modules:
+        setattr(module, attribute, value)
+    try:
+        yield
+    finally:
+        for module, state in zip(modules, previous, strict=True):
+            setattr(module, attribute, state)

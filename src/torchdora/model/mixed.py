@@ -14,7 +14,7 @@ from torch import nn
 
 from torchdora.layers.base import DoRALayer
 from torchdora.layers.rows import RowAdapters
-from torchdora.model.adapters import adapter_holders, check_known
+from torchdora.model.adapters import adapter_holders, attribute_set, check_known
 
 
 @contextmanager
@@ -51,12 +51,5 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             f"mixed_batch: adapter {merged[0]!r} is merged into the base weights; "
             "unmerge_adapter(model) first"
         )
-    rows = RowAdapters(adapter_names)
-    previous = [module.row_adapters for module in holders]
-    for module in holders:
-        module.row_adapters = rows
-    try:
+    with attribute_set(holders, "row_adapters", RowAdapters(adapter_names)):
         yield model
-    finally:
-        for module, state in zip(holders, previous, strict=True):
-            module.row_adapters = state

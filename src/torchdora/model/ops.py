@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from torchdora.layers.base import DoRALayer
-from torchdora.model.adapters import active_adapter, check_known
+from torchdora.model.adapters import active_adapter, attribute_set, check_known
 from torchdora.model.modules_to_save import ModulesToSaveWrapper
 from torchdora.quantization import num_weights
 
@@ -102,14 +102,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
             f"disable_adapter: adapters are merged into their base weights ({merged[:3]} …); "
             "call unmerge_adapter(model) first"
         )
-    previous = [m.disabled for m in modules]
-    for module in modules:
-        module.disabled = True
-    try:
+    with attribute_set(modules, "disabled", True):
         yield model
-    finally:
-        for module, state in zip(modules, previous, strict=True):
-            module.disabled = state
 
 
 def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
