@@ -114,9 +114,8 @@ def generate_replies(
     text)`` is called for each answer as soon as it is complete. The answers are those of
     :func:`generate_reply` with that adapter active.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for _, p in requests]
+    _check_max_new_tokens(max_new_tokens)
+    texts = [_user_turn(tokenizer, prompt) for _, prompt in requests]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
@@ -124,8 +123,7 @@ def generate_replies(
     finally:
         tokenizer.padding_side = padding_side
     encoded = encoded.to(next(model.parameters()).device)
-    eos = model.generation_config.eos_token_id
-    eos = eos if eos is not None else tokenizer.eos_token_id
+    eos = _end_tokens(model, tokenizer)
     streamer = _AnswerStreamer(tokenizer, eos, on_answer)
     names = [adapter for adapter, _ in requests]
     rows = mixed_batch(model, names) if adapter_names(model) else contextlib.nullcontext()
@@ -189,19 +187,34 @@ def generate_reply(
     Generation stops at the model's end-of-turn/EOS token or after ``max_new_tokens``;
     ``streamer`` (e.g. ``transformers.TextStreamer``) receives the tokens as they come.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    text = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
-    encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    _check_max_new_tokens(max_new_tokens)
+    encoded = tokenizer(
+        _user_turn(tokenizer, prompt), add_special_tokens=False, return_tensors="pt"
+    )
     encoded = encoded.to(next(model.parameters()).device)
-    eos = model.generation_config.eos_token_id
     output = model.generate(
         **encoded,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+        eos_token_id=_end_tokens(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
     )
     new_tokens = output[0, encoded["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def _check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+
+
+def _user_turn(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """``prompt`` as the user message in the model's chat template, tokenized as in training."""
+    return render_prompt(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def _end_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int | list[int]:
+    """The token(s) that end an answer: the model's generation config's, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return eos if eos is not None else tokenizer.eos_token_id
