@@ -1,6 +1,7 @@
 """torchdora: exact, fast DoRA (Weight-Decomposed Low-Rank Adaptation) for PyTorch."""
 
 from torchdora.config import DoRAConfig
+from torchdora.integrations import accelerate_peft, restore_peft
 from torchdora.layers import (
     DoRAConv,
     DoRAConv1D,
@@ -54,6 +55,7 @@ __all__ = [
     "NonFiniteError",
     "QuantizedDoRALinear",
     "__version__",
+    "accelerate_peft",
     "active_adapter",
     "adapted_state_dict",
     "adapter_names",
@@ -73,6 +75,7 @@ __all__ = [
     "print_trainable_parameters",
     "recommended_defaults",
     "register_layer_kind",
+    "restore_peft",
     "set_adapter",
     "unmerge_adapter",
 ]

@@ -7,11 +7,13 @@ DoRA adapts a frozen weight ``W`` (d_out × d_in) with a low-rank pair ``A`` (r 
 
 Nothing on the training path builds a d_out × d_in matrix (:mod:`.norm`), and ``P = W Aᵀ``
 comes out of the same frozen matmul that produces ``W x`` (:mod:`.linear`, with the written-out
-backward in :mod:`.fused`). :mod:`.heuristics` holds the speed choices between equal paths;
+backward in :mod:`.fused`); :mod:`.base_output` adds DoRA onto a base output computed
+elsewhere (PEFT's layers). :mod:`.heuristics` holds the speed choices between equal paths;
 :mod:`.merge` the dense maths of merging.
 """
 
 from torchdora.functional.autocast import autocast_enabled
+from torchdora.functional.base_output import DoRABaseOutputFunction, dora_from_base_output
 from torchdora.functional.fused import DoRALinearFunction, LoRALinearFunction
 from torchdora.functional.heuristics import STACK_MAX_TOKENS_PER_OUT, stack_base_matmul
 from torchdora.functional.linear import (
@@ -38,6 +40,7 @@ from torchdora.functional.norm import (
 
 __all__ = [
     "STACK_MAX_TOKENS_PER_OUT",
+    "DoRABaseOutputFunction",
     "DoRALinearFunction",
     "LoRALinearFunction",
     "add_lora",
@@ -45,6 +48,7 @@ __all__ = [
     "autocast_enabled",
     "base_and_weight_a",
     "delta_weight",
+    "dora_from_base_output",
     "dora_linear",
     "dora_linear_autograd",
     "dora_linear_scaled",

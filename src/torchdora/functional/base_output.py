@@ -1,0 +1,215 @@
+"""DoRA on a linear base whose output someone else computed: PEFT's layers run ``W x + b``
+themselves and hand it to their DoRA variant, which adds the rest.
+
+From ``result = W x + b`` this computes PEFT's DoRA output with the factored norm (no
+``d_out × d_in`` matrix) and no second pass over ``W x``::
+
+    y = (m/n) ⊙ (result − b + s·B A x) + b                        (no dropout, or eval)
+    y = result + (m/n − 1) ⊙ W x_d + (m/n)·s·B A x_d              (x_d = dropout(x))
+
+The second line is PEFT's form with dropout on the low-rank branch (its base output is taken
+once more, on the dropped input); the caller passes ``W x_d`` as ``base_dropped``. Both are
+``y = β + α ⊙ D + s·x_l Aᵀ (diag(m/n) B)ᵀ`` with ``(D, α, β) = (result, m/n, (1 − m/n)·b)``
+or ``(W x_d, m/n − 1, result)``. :func:`dora_from_base_output` states the maths in plain
+autograd ops (what ``torch.compile`` traces); eagerly :class:`DoRABaseOutputFunction`
+computes the same numbers with its backward written out, keeping one ``T × d_out`` tensor
+(``D``) more than LoRA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from torchdora.functional.autocast import autocast_enabled, autocast_off, cast
+from torchdora.functional.norm import factored_row_norm, norm_backward, norm_forward, scale_dtype
+
+
+def dora_from_base_output(
+    result: Tensor,
+    lora_x: Tensor,
+    base_dropped: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    weight_sq_norm: Tensor,
+    *,
+    eps: float = 1e-8,
+    detach_norm: bool = True,
+    norm: Tensor | None = None,
+) -> Tensor:
+    """PEFT's DoRA output from its base output ``result`` (see the module docstring).
+
+    Args:
+        result: ``W x + b``, ``(..., d_out)``.
+        lora_x: the low-rank branch's input (``x``, or ``dropout(x)``), ``(..., d_in)``.
+        base_dropped: ``W x_d`` without bias when ``lora_x`` is a dropped ``x``, else ``None``.
+        weight: ``W`` as ``(d_out, d_in)`` (a view is fine: ``Conv1D``'s ``Wᵀ``), frozen.
+        bias: ``b`` or ``None``.
+        lora_A, lora_B, magnitude: ``(r, d_in)``, ``(d_out, r)``, ``(d_out,)``.
+        scaling: ``s``.
+        weight_sq_norm: cached ``‖W_i‖²`` in float32 (or float64).
+        eps: floor of the row norm.
+        detach_norm: treat ``n`` as a constant in backward (PEFT, paper §4.3).
+        norm: a cached ``n``, taken as a constant (``W`` is not read); ``m/n`` and the rest
+            then run as plain autograd ops.
+
+    Returns:
+        ``(..., d_out)`` in ``result``'s dtype.
+    """
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("dora_from_base_output computes no gradient for W: freeze the base weight")
+    lead, d_out = result.shape[:-1], result.shape[-1]
+    flat = [t if t is None else t.reshape(-1, t.shape[-1]) for t in (result, lora_x, base_dropped)]
+    adapter = (lora_A, lora_B, magnitude, weight_sq_norm, scaling, eps, detach_norm)
+    if norm is not None:
+        scale = magnitude.reshape(-1).to(norm.dtype) / norm
+        out = _combine(*flat, bias, lora_A, lora_B, scale, scaling)[0]
+    elif torch.compiler.is_compiling():
+        out = _dora_from_base_output_autograd(*flat, weight, bias, *adapter)
+    else:
+        with autocast_off(result) as dtype:
+            if autocast_enabled(result):  # as autocast would cast the low-rank branch
+                flat = [cast(t, dtype) for t in flat]
+            out = DoRABaseOutputFunction.apply(*flat, weight, bias, *adapter)
+    return out.reshape(*lead, d_out)
+
+
+def _combine(
+    result: Tensor,
+    lora_x: Tensor,
+    base_dropped: Tensor | None,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: Tensor,
+    scaling: float,
+) -> tuple[Tensor, Tensor]:
+    """``y = β + α ⊙ D + s·x_l Aᵀ (diag(m/n) B)ᵀ`` on 2-D tensors, and ``x_l Aᵀ``.
+
+    ``scale`` is ``m/n``; the sum is formed in ``result``'s dtype (float32 for float16 results,
+    rounded once at the end: see :func:`~torchdora.functional.norm.scale_dtype`).
+    """
+    dtype = result.dtype
+    scale = scale.to(scale_dtype(dtype))
+    low_rank = F.linear(lora_x, lora_A.to(lora_x.dtype))
+    if base_dropped is None:
+        out = result * scale if bias is None else torch.addcmul(bias * (1 - scale), result, scale)
+    else:
+        out = torch.addcmul(result.to(scale.dtype), base_dropped, scale - 1)
+    scaled_B = lora_B.to(scale.dtype) * scale.unsqueeze(1)
+    out = out.addmm_(low_rank.to(out.dtype), scaled_B.to(out.dtype).T, alpha=scaling)
+    return (out if out.dtype == dtype else out.to(dtype)), low_rank
+
+
+def _dora_from_base_output_autograd(
+    result, lora_x, base_dropped, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm,
+    scaling, eps, detach_norm,
+) -> Tensor:  # fmt: skip
+    """:func:`dora_from_base_output` on 2-D inputs in plain autograd ops."""
+    weight_a = F.linear(lora_A.to(weight.dtype), weight).T
+    norm = factored_row_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling, eps)
+    if detach_norm:
+        norm = norm.detach()
+    scale = magnitude.reshape(-1).to(norm.dtype) / norm
+    return _combine(result, lora_x, base_dropped, bias, lora_A, lora_B, scale, scaling)[0]
+
+
+class DoRABaseOutputFunction(torch.autograd.Function):
+    """:func:`dora_from_base_output` on 2-D inputs, with its backward written out.
+
+    It saves ``D`` (``result`` itself, or ``W x_d``) rather than the direction: the gradient of
+    ``m/n`` needs ``Σ_t g ⊙ (D − b + s·B A x)``, and ``Σ_t g ⊙ s·B A x = s·Σ_r (gᵀ A x) ⊙ B``
+    comes out of the ``d_out × r`` product ``B`` needs anyway. The one ``T × d_out`` tensor the
+    backward allocates holds ``g ⊙ D`` for that sum, then ``∂L/∂D``. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, result, lora_x, base_dropped, weight, bias, lora_A, lora_B, magnitude,
+        weight_sq_norm, scaling, eps, detach_norm,
+    ):  # fmt: skip
+        weight_a_t = F.linear(lora_A.to(weight.dtype), weight)
+        scale, norm, floored, q = norm_forward(
+            weight_sq_norm, weight_a_t, lora_A, lora_B, magnitude.reshape(-1), scaling, eps
+        )
+        out, low_rank = _combine(result, lora_x, base_dropped, bias, lora_A, lora_B, scale, scaling)
+        direction = result if base_dropped is None else base_dropped
+        ctx.save_for_backward(
+            direction, lora_x, weight, bias, lora_A, lora_B, magnitude, low_rank, floored, norm,
+            q, scale, weight_a_t,
+        )  # fmt: skip
+        ctx.scaling, ctx.detach_norm, ctx.dropped = scaling, detach_norm, base_dropped is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        with autocast_off(grad_out):
+            return *_backward(ctx, grad_out), None, None, None
+
+
+def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    """Gradients of ``result, lora_x, base_dropped, weight, bias, lora_A, lora_B, magnitude,
+    weight_sq_norm``."""
+    (direction, lora_x, weight, bias, lora_A, lora_B, magnitude, low_rank, floored, norm, q,
+     scale, weight_a_t) = ctx.saved_tensors  # fmt: skip
+    need_result, need_x, need_dropped, _, need_bias, need_A, need_B, need_m, _ = (
+        ctx.needs_input_grad[:9]
+    )
+    s, fp = ctx.scaling, norm.dtype
+    # Σ_t g ⊙ (D − b + s·B A x) per row: D's part in a T × d_out buffer, the rest d_out × r.
+    buffer = torch.mul(grad_out, direction)
+    grad_scale = buffer.sum(0, dtype=fp)
+    grad_sum = grad_out.sum(0, dtype=fp) if bias is not None else None
+    if not ctx.dropped and bias is not None:
+        grad_scale = grad_scale.sub_(bias.to(fp) * grad_sum)
+    low_t_g = (grad_out.T @ low_rank.to(grad_out.dtype)).to(fp)  # d_out × r: gᵀ (A x)
+    B = lora_B.to(fp)
+    grad_scale = grad_scale.add_((low_t_g * B).sum(1), alpha=s)
+
+    grad_B_t = gram_part = grad_weight_a_t = None
+    if ctx.detach_norm:
+        grad_m = grad_scale / norm
+    else:
+        grad_m, _, grad_B_t, grad_weight_a_t, gram_part = norm_backward(
+            grad_scale, q, weight_a_t, lora_B, magnitude.reshape(-1), floored, norm, s
+        )
+
+    # ∂L/∂D = g ⊙ α into the buffer; ∂L/∂result is that (no dropout) or g itself.
+    alpha = scale.to(scale_dtype(grad_out.dtype))
+    grad_direction = torch.mul(grad_out, alpha - 1 if ctx.dropped else alpha, out=buffer)
+    grad_result = grad_out if ctx.dropped else grad_direction
+    scaled_B = (B * scale.unsqueeze(1)).to(grad_out.dtype)
+    grad_low = (grad_out @ scaled_B).mul_(s)  # T × r
+    grad_A = grad_B = grad_x = None
+    if need_B:
+        grad_B = (low_t_g * scale.unsqueeze(1)).mul_(s)
+        if grad_B_t is not None:
+            grad_B = grad_B.add_(grad_B_t.T)
+    if need_A:
+        grad_A = (grad_low.T @ lora_x.to(grad_low.dtype)).to(fp)
+        if grad_weight_a_t is not None:
+            grad_A = torch.addmm(grad_A, gram_part, lora_A.to(fp), alpha=s)
+            grad_A = grad_A.add_(grad_weight_a_t.to(weight.dtype) @ weight)
+    if need_x:
+        grad_x = grad_low @ lora_A.to(grad_low.dtype)
+    grad_bias = None  # y holds (1 − m/n) ⊙ b besides the b inside result
+    if need_bias and not ctx.dropped:
+        grad_bias = grad_sum * (1 - scale)
+    return (
+        grad_result if need_result else None,
+        grad_x,
+        grad_direction if ctx.dropped and need_dropped else None,
+        None,
+        cast(grad_bias, bias.dtype) if grad_bias is not None else None,
+        cast(grad_A, lora_A.dtype),
+        cast(grad_B, lora_B.dtype),
+        grad_m.reshape(magnitude.shape).to(magnitude.dtype) if need_m else None,
+        None,
+    )
