@@ -11,7 +11,7 @@ from torch import nn
 
 from layer_kinds import assert_matches_reference
 from reference import naive_dora_linear, rel_err
-from torchdora import DoRALinear, LoRALinear, recommended_defaults
+from torchdora import DoRAConv, DoRAEmbedding, DoRALinear, LoRALinear, recommended_defaults
 
 SHAPES = [  # (d_in, d_out, rank)
     (16, 8, 4),
@@ -283,6 +283,43 @@ def test_cache_follows_optimizer_steps_in_no_grad_forward():
         opt.step()
         opt.zero_grad()
     _assert_matches_reference(layer, x)
+
+
+#: layer kinds whose no-grad forward caches m/n: (layer, input)
+CACHING_KINDS = {
+    "linear": (lambda: DoRALinear(8, 6, 2), lambda: torch.randn(3, 8)),
+    "linear-no-norm": (lambda: DoRALinear(8, 6, 2, normalize=False), lambda: torch.randn(3, 8)),
+    "conv2d": (lambda: DoRAConv(nn.Conv2d(3, 4, 3), 2), lambda: torch.randn(2, 3, 6, 6)),
+    "embedding": (
+        lambda: DoRAEmbedding(nn.Embedding(10, 6), 2),
+        lambda: torch.randint(0, 10, (2, 5)),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(CACHING_KINDS))
+@pytest.mark.parametrize("order", ["cached-before-the-step", "cached-inside-the-step"])
+def test_cache_sees_a_fused_optimizer_step(kind, order):
+    """``AdamW(fused=True)`` updates A, B, m without bumping their version; a no-grad forward
+    after the step must not reuse m/n cached before it, wherever in the step it was cached."""
+    make_layer, make_input = CACHING_KINDS[kind]
+    layer, x = make_layer(), make_input()
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], fused=True)
+    for _ in range(2):
+        if order == "cached-before-the-step":
+            with torch.no_grad():
+                layer(x)
+        out = layer(x)
+        if order == "cached-inside-the-step":  # after the forward, before its backward
+            with torch.no_grad():
+                layer(x)
+        out.square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            assert torch.equal(layer(x), copy.deepcopy(layer)(x))  # a copy starts uncached
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])

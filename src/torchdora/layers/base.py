@@ -18,7 +18,7 @@ from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_EPS, DEFA
 from torchdora.distributed import full_tensor, is_dtensor, local_tensor
 from torchdora.layers.access import AdapterAccess
 from torchdora.layers.adapter import DoRAAdapter, check_adapter_name
-from torchdora.layers.cache import TensorCache
+from torchdora.layers.cache import TensorCache, forget_in_backward, holds_gradient
 from torchdora.layers.initialization import AdapterInitialization
 from torchdora.layers.merging import AdapterMerging
 from torchdora.layers.rows import RowAdapters, forward_rows
@@ -358,20 +358,24 @@ class DoRALayer(AdapterInitialization, AdapterMerging, AdapterAccess, nn.Module)
                 norm = self.row_norm(a)
                 return a.magnitude.to(norm.dtype) / norm
 
-        cacheable = all(self._cacheable(t) for t in tensors)
+        cacheable = all(self._cacheable(t) for t in tensors) and not holds_gradient(tensors[1:])
         return a.scale_cache.get(tensors, (a.scaling, a.eps, a.normalize), compute, cacheable)
 
-    def magnitude_scale(self, adapter: DoRAAdapter | None = None) -> Tensor:
-        """``m / n`` per row, with ``P = W Aᵀ`` from :meth:`compute_weight_a`.
+    def magnitude_scale(
+        self, adapter: DoRAAdapter | None = None, weight_a: Tensor | None = None
+    ) -> Tensor:
+        """``m / n`` per row, with ``P = W Aᵀ`` from :meth:`compute_weight_a` unless given.
 
-        For kinds whose forward cannot produce ``P`` from its own pass over ``W`` (all but
-        Linear). Without autograd this is the cached :meth:`inference_scale`.
+        Without autograd this is the cached :meth:`inference_scale`; with it, the backward
+        through the result forgets that cache (:func:`~torchdora.layers.cache.forget_in_backward`).
         """
         a = adapter or self.get_adapter()
         if not torch.is_grad_enabled():
             return self.inference_scale(a)
-        norm = self.row_norm(a)
-        return a.magnitude.to(norm.dtype) / norm
+        norm = self.row_norm(a, weight_a)
+        scale = a.magnitude.to(norm.dtype) / norm
+        forget_in_backward(a.scale_cache, scale)
+        return scale
 
     # ----------------------------------------------------------------- helpers for forward
     #: how a per-row scale ``(d_out,)`` broadcasts against this kind's output

@@ -7,8 +7,9 @@ returned only while each of them is the same tensor with the same contents (``do
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
+import torch
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdRef
@@ -102,3 +103,21 @@ class TensorCache:
 
     def __reduce__(self) -> tuple:
         return (TensorCache, ())
+
+
+def holds_gradient(params: Iterable[Tensor | None]) -> bool:
+    """Whether an optimizer step may be pending for ``params``: one of them holds a gradient.
+
+    A value computed from trainable tensors is not cached then: some optimizers
+    (``AdamW(fused=True)``) update parameters in place without bumping their ``_version``,
+    so a :class:`Stamp` would not see the step.
+    """
+    return any(p is not None and p.grad is not None for p in params)
+
+
+def forget_in_backward(cache: TensorCache, tensor: Tensor) -> None:
+    """Clear ``cache`` when a backward pass reaches ``tensor`` (a forward's result that needs a
+    gradient): that backward may lead to an optimizer step the cache's stamps cannot see (see
+    :func:`holds_gradient`), even if the value was cached after this forward ran."""
+    if tensor.requires_grad and not torch.compiler.is_compiling():
+        tensor.register_hook(lambda grad: cache.clear())

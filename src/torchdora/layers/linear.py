@@ -10,6 +10,7 @@ from torchdora import functional as DF
 from torchdora.defaults import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_EPS, DEFAULT_RANK
 from torchdora.layers.adapter import DoRAAdapter
 from torchdora.layers.base import DoRALayer
+from torchdora.layers.cache import forget_in_backward
 from torchdora.quantization import is_quantized_linear
 
 
@@ -108,13 +109,13 @@ class DoRALinear(DoRALayer):
             direction = DF.lora_linear(
                 x, weight, None, a.lora_A, a.lora_B, a.scaling, lora_input=lora_input
             )
-            return DF.rescale(direction, a.magnitude / self.row_norm(a), bias)
+            return DF.rescale(direction, self.magnitude_scale(a), bias)
         # Compiled, m/n is not cached: the training form gets W Aᵀ from its stacked matmul.
         if not (torch.is_grad_enabled() or torch.compiler.is_compiling()) and lora_input is None:
             return DF.dora_linear_scaled(
                 x, weight, bias, a.lora_A, a.lora_B, self.inference_scale(a), a.scaling
             )
-        return DF.dora_linear(
+        out = DF.dora_linear(
             x,
             weight,
             bias,
@@ -127,6 +128,8 @@ class DoRALinear(DoRALayer):
             eps=a.eps,
             detach_norm=a.detach_norm,
         )
+        forget_in_backward(a.scale_cache, out)
+        return out
 
     def _rows_base(self, x: Tensor) -> Tensor:
         return F.linear(x, self.base_weight)

@@ -160,8 +160,7 @@ class QuantizedDoRALinear(DoRALayer):
                 biased, weight_a = self._base_and_weight_a(x2d, a)
             else:  # the norm is the base's own: no W Aᵀ
                 biased, weight_a = self._base(x2d), None
-            norm = self.row_norm(a, weight_a)
-            scale = a.magnitude.to(norm.dtype) / norm
+            scale = self.magnitude_scale(a, weight_a)
         else:
             biased, scale = self._base(x2d), self.inference_scale(a)
         direction = DF.add_lora(biased, lora_x, a.lora_A, a.lora_B, a.scaling)
