@@ -9,7 +9,9 @@ optionally followed by an AdamW step (``--optimizer``). Variants:
   in PEFT's DoRA (paper §4.3): the like-for-like comparison with ``peft-dora``; only when asked;
 * ``frozen``    the bare frozen ``nn.Linear`` (what any adapter adds to);
 * ``peft-lora`` / ``peft-dora``: PEFT's ``lora.Linear`` with ``use_dora`` off/on, called
-  directly (no PeftModel wrapper), as ``pip install -e .[bench]`` installs it.
+  directly (no PeftModel wrapper), as ``pip install -e .[bench]`` installs it;
+* ``peft-accel``: ``peft-dora`` after ``torchdora.accelerate_peft`` (PEFT's numbers, torchdora's
+  computation); only when asked (``benchmarks/peft_layer.py`` races it).
 
 Grid (default): shapes 1024x1024, 4096x4096, 8192x2048, 2048x8192 (out × in), tokens
 128/512/2048/8192, ranks 8/16/64, float32 and bfloat16. ``--quick``: the cases the targets
@@ -33,10 +35,10 @@ import common as C
 import torch
 from torch import nn
 
-from torchdora import DoRALinear, LoRALinear
+from torchdora import DoRALinear, LoRALinear, accelerate_peft
 
 DEFAULT_VARIANTS = ("lora", "dora", "frozen", "peft-lora", "peft-dora")
-VARIANTS = (*DEFAULT_VARIANTS, "dora-detached")
+VARIANTS = (*DEFAULT_VARIANTS, "dora-detached", "peft-accel")
 ALPHA = 16.0
 
 
@@ -82,9 +84,12 @@ def build(variant: str, base: nn.Linear, rank: int) -> nn.Module:
         import peft
 
         config = peft.LoraConfig(
-            r=rank, lora_alpha=ALPHA, target_modules=["proj"], use_dora=variant == "peft-dora"
+            r=rank, lora_alpha=ALPHA, target_modules=["proj"], use_dora=variant != "peft-lora"
         )
-        layer = peft.get_peft_model(_Holder(base), config).base_model.model.proj
+        model = peft.get_peft_model(_Holder(base), config)
+        if variant == "peft-accel":
+            accelerate_peft(model)
+        layer = model.base_model.model.proj
         lora_B = layer.lora_B["default"].weight
     with torch.no_grad():
         lora_B.normal_(std=0.01)  # B = 0 would hide nothing, but real steps have B ≠ 0
@@ -241,15 +246,16 @@ def targets(results: list[dict]) -> list[str]:
     return lines
 
 
-def memory_excess(res: dict) -> float:
-    """MiB by which DoRA's extra peak exceeds one ``T × d_out`` activation plus O(d·r).
+def memory_excess(res: dict, variant: str = "dora", baseline: str = "lora") -> float:
+    """MiB by which ``variant``'s extra peak over ``baseline`` exceeds one ``T × d_out``
+    activation plus O(d·r).
 
     The O(d·r) allowance is 16 ``(d_in + d_out) × r`` float32 matrices plus 1 MiB of RSS
     granularity: generous for the adapter-sized tensors, far below any d_out × d_in one.
     """
     c, peak = res["case"], res["peak_mib"]
     small = 16 * (c["in_features"] + c["out_features"]) * c["rank"] * 4 / C.MIB + 1
-    return peak["dora"] - peak["lora"] - activation_mib(c) - small
+    return peak[variant] - peak[baseline] - activation_mib(c) - small
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
