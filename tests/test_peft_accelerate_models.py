@@ -156,22 +156,37 @@ def test_eval_norm_caching_as_peft_and_never_stale_after_a_fused_step(monkeypatc
     assert rel_err(logits(accelerated), logits(plain)) <= FLOAT32
 
 
-def test_autocast_bfloat16_is_close_to_peft():
-    plain, accelerated = twins(hf_model("llama"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def distance(run, reference) -> float:
+    """The largest relative error of a ``loss_and_grads`` result's gradients."""
+    return max(rel_err(run[1][key], reference[1][key]) for key in reference[1])
+
+
+def assert_bfloat16_as_close_as_peft(model, autocast: bool, float32_run) -> None:
+    """In bfloat16 the accelerated gradients are as close to the float32 ones as PEFT's own
+    (bfloat16 rounding, not the method, sets the error: ~1e-2 here)."""
+    plain, accelerated = twins(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         ours, theirs = loss_and_grads(accelerated, "llama"), loss_and_grads(plain, "llama")
-    assert_same_training(ours, theirs, tol=3e-2)
+    assert distance(ours, float32_run) <= 2 * distance(theirs, float32_run)
+    assert abs(float(ours[0] - theirs[0])) <= 0.01 * abs(float(theirs[0]))
 
 
-def test_a_bfloat16_model_with_float32_adapters_is_close_to_peft():
+@pytest.fixture(scope="module")
+def float32_run():
+    return loss_and_grads(hf_model("llama"), "llama")
+
+
+def test_autocast_bfloat16_is_as_close_as_peft(float32_run):
+    assert_bfloat16_as_close_as_peft(hf_model("llama"), True, float32_run)
+
+
+def test_a_bfloat16_model_with_float32_adapters_is_as_close_as_peft(float32_run):
     model = hf_model("llama")
     model.get_base_model().to(torch.bfloat16)
     for name, param in model.named_parameters():
-        if "lora_" in name:
+        if "lora_" in name:  # PEFT keeps adapters in float32 on a bfloat16 base
             param.data = param.data.float()
-    plain, accelerated = twins(model)
-    ours, theirs = loss_and_grads(accelerated, "llama"), loss_and_grads(plain, "llama")
-    assert_same_training(ours, theirs, tol=3e-2)
+    assert_bfloat16_as_close_as_peft(model, False, float32_run)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -169,7 +169,10 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     grad_sum = grad_out.sum(0, dtype=fp) if bias is not None else None
     if not ctx.dropped and bias is not None:
         grad_scale = grad_scale.sub_(bias.to(fp) * grad_sum)
-    low_t_g = (grad_out.T @ low_rank.to(grad_out.dtype)).to(fp)  # d_out × r: gᵀ (A x)
+    # The low-rank branch's gradients in its own dtype (float32 adapters on a bfloat16 base,
+    # as PEFT computes them): gᵀ (A x) is d_out × r.
+    grad_low_rank = grad_out.to(low_rank.dtype)
+    low_t_g = (grad_low_rank.T @ low_rank).to(fp)
     B = lora_B.to(fp)
     grad_scale = grad_scale.add_((low_t_g * B).sum(1), alpha=s)
 
@@ -185,15 +188,15 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     alpha = scale.to(scale_dtype(grad_out.dtype))
     grad_direction = torch.mul(grad_out, alpha - 1 if ctx.dropped else alpha, out=buffer)
     grad_result = grad_out if ctx.dropped else grad_direction
-    scaled_B = (B * scale.unsqueeze(1)).to(grad_out.dtype)
-    grad_low = (grad_out @ scaled_B).mul_(s)  # T × r
+    scaled_B = (B * scale.unsqueeze(1)).to(low_rank.dtype)
+    grad_low = (grad_low_rank @ scaled_B).mul_(s)  # T × r
     grad_A = grad_B = grad_x = None
     if need_B:
         grad_B = (low_t_g * scale.unsqueeze(1)).mul_(s)
         if grad_B_t is not None:
             grad_B = grad_B.add_(grad_B_t.T)
     if need_A:
-        grad_A = (grad_low.T @ lora_x.to(grad_low.dtype)).to(fp)
+        grad_A = (grad_low.T @ lora_x).to(fp)
         if grad_weight_a_t is not None:
             grad_A = torch.addmm(grad_A, gram_part, lora_A.to(fp), alpha=s)
             grad_A = grad_A.add_(grad_weight_a_t.to(weight.dtype) @ weight)
