@@ -13,7 +13,7 @@ elsewhere (PEFT's layers). :mod:`.heuristics` holds the speed choices between eq
 """
 
 from torchdora.functional.autocast import autocast_enabled
-from torchdora.functional.base_output import DoRABaseOutputFunction, dora_from_base_output
+from torchdora.functional.base_output import RescaleBaseOutputFunction, dora_from_base_output
 from torchdora.functional.fused import DoRALinearFunction, LoRALinearFunction
 from torchdora.functional.heuristics import STACK_MAX_TOKENS_PER_OUT, stack_base_matmul
 from torchdora.functional.linear import (
@@ -40,9 +40,9 @@ from torchdora.functional.norm import (
 
 __all__ = [
     "STACK_MAX_TOKENS_PER_OUT",
-    "DoRABaseOutputFunction",
     "DoRALinearFunction",
     "LoRALinearFunction",
+    "RescaleBaseOutputFunction",
     "add_lora",
     "add_lora_",
     "autocast_enabled",

@@ -10,13 +10,14 @@ From ``result = W x + b`` this computes PEFT's DoRA output with the factored nor
 The second line is PEFT's form with dropout on the low-rank branch (its base output is taken
 once more, on the dropped input); the caller passes ``W x_d`` as ``base_dropped``. Both are
 ``y = β + α ⊙ D + s·x_l Aᵀ (diag(m/n) B)ᵀ`` with ``(D, α, β) = (result, m/n, (1 − m/n)·b)``
-or ``(W x_d, m/n − 1, result)``. :func:`dora_from_base_output` states the maths in plain
-autograd ops (what ``torch.compile`` traces); eagerly :class:`DoRABaseOutputFunction`
-computes the same numbers with its backward written out, keeping one ``T × d_out`` tensor
-(``D``) more than LoRA.
+or ``(W x_d, m/n − 1, result)``. The norm is plain autograd ops (none recorded when it is
+detached); the rest, eagerly, is :class:`RescaleBaseOutputFunction`, which keeps one ``T × d_out``
+tensor (``D``) more than LoRA where autograd would keep two at the backward's peak.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from torchdora.functional.autocast import autocast_enabled, autocast_off, cast
-from torchdora.functional.norm import factored_row_norm, norm_backward, norm_forward, scale_dtype
+from torchdora.functional.norm import factored_row_norm, scale_dtype
 
 
 def dora_from_base_output(
@@ -56,31 +57,31 @@ def dora_from_base_output(
         weight_sq_norm: cached ``‖W_i‖²`` in float32 (or float64).
         eps: floor of the row norm.
         detach_norm: treat ``n`` as a constant in backward (PEFT, paper §4.3).
-        norm: a cached ``n``, taken as a constant (``W`` is not read); ``m/n`` and the rest
-            then run as plain autograd ops.
+        norm: a cached ``n``, taken as a constant (``W`` is not read).
 
     Returns:
         ``(..., d_out)`` in ``result``'s dtype.
     """
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("dora_from_base_output computes no gradient for W: freeze the base weight")
+    if norm is None:
+        with torch.no_grad() if detach_norm else contextlib.nullcontext():
+            weight_a = F.linear(lora_A.to(weight.dtype), weight).T  # in W's dtype: no cast of W
+            norm = factored_row_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling, eps)
+    scale = magnitude.reshape(-1).to(norm.dtype) / norm
     lead, d_out = result.shape[:-1], result.shape[-1]
     flat = [t if t is None else t.reshape(-1, t.shape[-1]) for t in (result, lora_x, base_dropped)]
-    adapter = (lora_A, lora_B, magnitude, weight_sq_norm, scaling, eps, detach_norm)
-    if norm is not None:
-        scale = magnitude.reshape(-1).to(norm.dtype) / norm
-        out = _combine(*flat, bias, lora_A, lora_B, scale, scaling)[0]
-    elif torch.compiler.is_compiling():
-        out = _dora_from_base_output_autograd(*flat, weight, bias, *adapter)
+    if torch.compiler.is_compiling():
+        out = rescale_base_output(*flat, bias, lora_A, lora_B, scale, scaling)[0]
     else:
         with autocast_off(result) as dtype:
             if autocast_enabled(result):  # as autocast would cast the low-rank branch
                 flat = [cast(t, dtype) for t in flat]
-            out = DoRABaseOutputFunction.apply(*flat, weight, bias, *adapter)
+            out = RescaleBaseOutputFunction.apply(*flat, bias, lora_A, lora_B, scale, scaling)
     return out.reshape(*lead, d_out)
 
 
-def _combine(
+def rescale_base_output(
     result: Tensor,
     lora_x: Tensor,
     base_dropped: Tensor | None,
@@ -107,21 +108,8 @@ def _combine(
     return (out if out.dtype == dtype else out.to(dtype)), low_rank
 
 
-def _dora_from_base_output_autograd(
-    result, lora_x, base_dropped, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm,
-    scaling, eps, detach_norm,
-) -> Tensor:  # fmt: skip
-    """:func:`dora_from_base_output` on 2-D inputs in plain autograd ops."""
-    weight_a = F.linear(lora_A.to(weight.dtype), weight).T
-    norm = factored_row_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling, eps)
-    if detach_norm:
-        norm = norm.detach()
-    scale = magnitude.reshape(-1).to(norm.dtype) / norm
-    return _combine(result, lora_x, base_dropped, bias, lora_A, lora_B, scale, scaling)[0]
-
-
-class DoRABaseOutputFunction(torch.autograd.Function):
-    """:func:`dora_from_base_output` on 2-D inputs, with its backward written out.
+class RescaleBaseOutputFunction(torch.autograd.Function):
+    """:func:`rescale_base_output` with its backward written out.
 
     It saves ``D`` (``result`` itself, or ``W x_d``) rather than the direction: the gradient of
     ``m/n`` needs ``Σ_t g ⊙ (D − b + s·B A x)``, and ``Σ_t g ⊙ s·B A x = s·Σ_r (gᵀ A x) ⊙ B``
@@ -130,89 +118,57 @@ class DoRABaseOutputFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, result, lora_x, base_dropped, weight, bias, lora_A, lora_B, magnitude,
-        weight_sq_norm, scaling, eps, detach_norm,
-    ):  # fmt: skip
-        weight_a_t = F.linear(lora_A.to(weight.dtype), weight)
-        scale, norm, floored, q = norm_forward(
-            weight_sq_norm, weight_a_t, lora_A, lora_B, magnitude.reshape(-1), scaling, eps
+    def forward(ctx, result, lora_x, base_dropped, bias, lora_A, lora_B, scale, scaling):
+        out, low_rank = rescale_base_output(
+            result, lora_x, base_dropped, bias, lora_A, lora_B, scale, scaling
         )
-        out, low_rank = _combine(result, lora_x, base_dropped, bias, lora_A, lora_B, scale, scaling)
         direction = result if base_dropped is None else base_dropped
-        ctx.save_for_backward(
-            direction, lora_x, weight, bias, lora_A, lora_B, magnitude, low_rank, floored, norm,
-            q, scale, weight_a_t,
-        )  # fmt: skip
-        ctx.scaling, ctx.detach_norm, ctx.dropped = scaling, detach_norm, base_dropped is not None
+        ctx.save_for_backward(direction, lora_x, bias, lora_A, lora_B, scale, low_rank)
+        ctx.scaling, ctx.dropped = scaling, base_dropped is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         with autocast_off(grad_out):
-            return *_backward(ctx, grad_out), None, None, None
+            return *_backward(ctx, grad_out), None
 
 
 def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-    """Gradients of ``result, lora_x, base_dropped, weight, bias, lora_A, lora_B, magnitude,
-    weight_sq_norm``."""
-    (direction, lora_x, weight, bias, lora_A, lora_B, magnitude, low_rank, floored, norm, q,
-     scale, weight_a_t) = ctx.saved_tensors  # fmt: skip
-    need_result, need_x, need_dropped, _, need_bias, need_A, need_B, need_m, _ = (
-        ctx.needs_input_grad[:9]
+    """Gradients of ``result, lora_x, base_dropped, bias, lora_A, lora_B, scale``."""
+    direction, lora_x, bias, lora_A, lora_B, scale, low_rank = ctx.saved_tensors
+    need_result, need_x, need_dropped, need_bias, need_A, need_B, need_scale, _ = (
+        ctx.needs_input_grad
     )
-    s, fp = ctx.scaling, norm.dtype
-    # Σ_t g ⊙ (D − b + s·B A x) per row: D's part in a T × d_out buffer, the rest d_out × r.
-    buffer = torch.mul(grad_out, direction)
-    grad_scale = buffer.sum(0, dtype=fp)
-    grad_sum = grad_out.sum(0, dtype=fp) if bias is not None else None
-    if not ctx.dropped and bias is not None:
-        grad_scale = grad_scale.sub_(bias.to(fp) * grad_sum)
+    s, fp = ctx.scaling, scale.dtype
     # The low-rank branch's gradients in its own dtype (float32 adapters on a bfloat16 base,
     # as PEFT computes them): gᵀ (A x) is d_out × r.
     grad_low_rank = grad_out.to(low_rank.dtype)
-    low_t_g = (grad_low_rank.T @ low_rank).to(fp)
-    B = lora_B.to(fp)
-    grad_scale = grad_scale.add_((low_t_g * B).sum(1), alpha=s)
-
-    grad_B_t = gram_part = grad_weight_a_t = None
-    if ctx.detach_norm:
-        grad_m = grad_scale / norm
-    else:
-        grad_m, _, grad_B_t, grad_weight_a_t, gram_part = norm_backward(
-            grad_scale, q, weight_a_t, lora_B, magnitude.reshape(-1), floored, norm, s
-        )
+    low_t_g = torch.mm(grad_low_rank.T, low_rank).to(fp)
+    grad_sum = grad_out.sum(0, dtype=fp) if bias is not None else None
+    # Σ_t g ⊙ (D − b + s·B A x) per row: D's part through a T × d_out buffer, the rest d_out × r.
+    buffer = torch.mul(grad_out, direction)
+    grad_scale = None
+    if need_scale:
+        grad_scale = buffer.sum(0, dtype=fp)
+        if not ctx.dropped and bias is not None:
+            grad_scale = grad_scale.sub_(bias.to(fp) * grad_sum)
+        grad_scale = grad_scale.add_((low_t_g * lora_B.to(fp)).sum(1), alpha=s)
 
     # ∂L/∂D = g ⊙ α into the buffer; ∂L/∂result is that (no dropout) or g itself.
     alpha = scale.to(scale_dtype(grad_out.dtype))
     grad_direction = torch.mul(grad_out, alpha - 1 if ctx.dropped else alpha, out=buffer)
-    grad_result = grad_out if ctx.dropped else grad_direction
-    scaled_B = (B * scale.unsqueeze(1)).to(low_rank.dtype)
-    grad_low = (grad_low_rank @ scaled_B).mul_(s)  # T × r
-    grad_A = grad_B = grad_x = None
-    if need_B:
-        grad_B = (low_t_g * scale.unsqueeze(1)).mul_(s)
-        if grad_B_t is not None:
-            grad_B = grad_B.add_(grad_B_t.T)
-    if need_A:
-        grad_A = (grad_low.T @ lora_x).to(fp)
-        if grad_weight_a_t is not None:
-            grad_A = torch.addmm(grad_A, gram_part, lora_A.to(fp), alpha=s)
-            grad_A = grad_A.add_(grad_weight_a_t.to(weight.dtype) @ weight)
-    if need_x:
-        grad_x = grad_low @ lora_A.to(grad_low.dtype)
+    scale_column = scale.unsqueeze(1)
+    grad_low = (grad_low_rank @ (lora_B.to(fp) * scale_column).to(low_rank.dtype)).mul_(s)
     grad_bias = None  # y holds (1 − m/n) ⊙ b besides the b inside result
     if need_bias and not ctx.dropped:
-        grad_bias = grad_sum * (1 - scale)
+        grad_bias = cast(grad_sum * (1 - scale), bias.dtype)
     return (
-        grad_result if need_result else None,
-        grad_x,
+        (grad_out if ctx.dropped else grad_direction) if need_result else None,
+        grad_low @ lora_A.to(grad_low.dtype) if need_x else None,
         grad_direction if ctx.dropped and need_dropped else None,
-        None,
-        cast(grad_bias, bias.dtype) if grad_bias is not None else None,
-        cast(grad_A, lora_A.dtype),
-        cast(grad_B, lora_B.dtype),
-        grad_m.reshape(magnitude.shape).to(magnitude.dtype) if need_m else None,
-        None,
+        grad_bias,
+        cast(grad_low.T @ lora_x, lora_A.dtype) if need_A else None,
+        cast((low_t_g * scale_column).mul_(s), lora_B.dtype) if need_B else None,
+        grad_scale,
     )
