@@ -199,16 +199,19 @@ def activation_mib(case: dict) -> float:
     return case["tokens"] * case["out_features"] * size / C.MIB
 
 
-def memory_table(results: list[dict], variants: list[str]) -> str:
-    others = [v for v in variants if v != "lora"]
-    headers = ["dtype", "out×in", "T", "r", "LoRA peak MiB", "T×d_out MiB"]
-    headers += [f"{v} − LoRA MiB" for v in others]
+def memory_table(
+    results: list[dict], variants: list[str], baseline: str = "lora", label: str = "LoRA"
+) -> str:
+    """Each variant's peak above ``baseline``'s (called ``label``), beside one activation."""
+    others = [v for v in variants if v != baseline]
+    headers = ["dtype", "out×in", "T", "r", f"{label} peak MiB", "T×d_out MiB"]
+    headers += [f"{v} − {label} MiB" for v in others]
     rows = []
     for res in results:
         c, peak = res["case"], res["peak_mib"]
         row = [c["dtype"], f"{c['out_features']}×{c['in_features']}", c["tokens"], c["rank"]]
-        row += [f"{peak['lora']:.1f}", f"{activation_mib(c):.1f}"]
-        row += [f"{peak[v] - peak['lora']:+.1f}" for v in others]
+        row += [f"{peak[baseline]:.1f}", f"{activation_mib(c):.1f}"]
+        row += [f"{peak[v] - peak[baseline]:+.1f}" for v in others]
         rows.append(row)
     return C.markdown_table(headers, rows)
 

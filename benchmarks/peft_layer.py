@@ -57,19 +57,6 @@ def timing_table(results: list[dict]) -> str:
     return C.markdown_table(headers, rows)
 
 
-def memory_table(results: list[dict]) -> str:
-    others = ["peft-dora", "peft-accel", "dora"]
-    headers = ["dtype", "out×in", "T", "r", "PEFT-LoRA peak MiB", "T×d_out MiB"]
-    headers += [f"{v} − PEFT-LoRA MiB" for v in others]
-    rows = []
-    for res in results:
-        c, peak = res["case"], res["peak_mib"]
-        row = [c["dtype"], f"{c['out_features']}×{c['in_features']}", c["tokens"], c["rank"]]
-        row += [f"{peak['peft-lora']:.1f}", f"{L.activation_mib(c):.1f}"]
-        rows.append(row + [f"{peak[v] - peak['peft-lora']:+.1f}" for v in others])
-    return C.markdown_table(headers, rows)
-
-
 def targets(results: list[dict]) -> list[str]:
     """The issue's targets this run speaks to, each with its measured value."""
     lines = []
@@ -119,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(timing_table(results))
     if args.memory:
         print("\n## Peak memory of the step above PEFT's LoRA\n")
-        print(memory_table(results))
+        print(L.memory_table(results, VARIANTS[1:], "peft-lora", "PEFT-LoRA"))
     print("\n## Targets\n\n" + "\n".join(f"- {line}" for line in targets(results)))
     return {"machine": info, "command": C.command_line(), "results": results}
 

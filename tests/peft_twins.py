@@ -64,39 +64,40 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
                 param.copy_(noise * 0.3 / param.shape[-1] ** 0.5)
 
 
+def dora_model(base: nn.Module, targets: list[str], **config) -> nn.Module:
+    """``base`` wrapped by PEFT with DoRA adapters on ``targets``, adapters perturbed."""
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(target_modules=targets, use_dora=True, **config)
+    )
+    perturb(model)
+    return model
+
+
 def layer_model(kind: str, *, dropout: float = 0.0, rank: int = 4, **config) -> nn.Module:
     """A PEFT DoRA model of one ``kind`` layer, adapters perturbed."""
     torch.manual_seed(0)
-    base = One(KINDS[kind][0]())
-    lora = peft.LoraConfig(
+    return dora_model(
+        One(KINDS[kind][0]()),
+        ["layer"],
         r=rank,
         lora_alpha=2 * rank,
-        target_modules=["layer"],
-        use_dora=True,
         lora_dropout=dropout,
         fan_in_fan_out=kind == "gpt2-conv1d",
         **config,
     )
-    model = peft.get_peft_model(base, lora)
-    perturb(model)
-    return model
 
 
 def hf_model(name: str, *, dropout: float = 0.0, **config) -> nn.Module:
     """A PEFT DoRA model of a tiny random ``name`` (see :data:`TARGETS`), adapters perturbed."""
-    base = model_zoo.build(name).train()
-    lora = peft.LoraConfig(
+    return dora_model(
+        model_zoo.build(name).train(),
+        TARGETS[name],
         r=4,
         lora_alpha=8,
-        target_modules=TARGETS[name],
-        use_dora=True,
         lora_dropout=dropout,
         fan_in_fan_out=name == "gpt2",
         **config,
     )
-    model = peft.get_peft_model(base, lora)
-    perturb(model)
-    return model
 
 
 def twins(model: nn.Module, **options) -> tuple[nn.Module, nn.Module]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdora
-from peft_twins import KINDS, One, layer_model, lora_grads, perturb, twins
+from peft_twins import KINDS, One, dora_model, layer_model, lora_grads, twins
 from reference import rel_err
 from torchdora.quantization import quantize_linear
 
@@ -218,20 +218,12 @@ def test_warns_when_there_is_no_dora_adapter():
 
 
 def grouped_conv_model() -> nn.Module:
-    model = peft.get_peft_model(
-        One(nn.Conv2d(4, 4, 3, groups=2)),
-        peft.LoraConfig(r=2, target_modules=["layer"], use_dora=True),
-    )
-    perturb(model)
-    return model
+    return dora_model(One(nn.Conv2d(4, 4, 3, groups=2)), ["layer"], r=2)
 
 
 def nf4_model() -> nn.Module:
     pytest.importorskip("bitsandbytes")
-    base = One(quantize_linear(nn.Linear(64, 32), "bnb-nf4"))
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["layer"], use_dora=True))
-    perturb(model)
-    return model
+    return dora_model(One(quantize_linear(nn.Linear(64, 32), "bnb-nf4")), ["layer"], r=2)
 
 
 @pytest.mark.parametrize(
