@@ -16,7 +16,7 @@ from torch import nn
 import torchdora
 from peft_twins import KINDS, One, dora_model, layer_model, lora_grads, twins
 from reference import rel_err
-from torchdora.quantization import quantize_linear
+from torchdora.quantization import QUANTIZATION_METHODS, quantize_linear
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora import variants as peft_variants  # noqa: E402
@@ -221,16 +221,22 @@ def grouped_conv_model() -> nn.Module:
     return dora_model(One(nn.Conv2d(4, 4, 3, groups=2)), ["layer"], r=2)
 
 
-def nf4_model() -> nn.Module:
-    pytest.importorskip("bitsandbytes")
-    return dora_model(One(quantize_linear(nn.Linear(64, 32), "bnb-nf4")), ["layer"], r=2)
+def unknown_variant_model() -> nn.Module:
+    model = layer_model("linear")
+    layer = model.base_model.model.layer
+
+    class OwnVariant(peft_variants.DoraLinearVariant):
+        """A DoRA variant of someone else's, which torchdora cannot know the maths of."""
+
+    layer.lora_variant["default"] = OwnVariant()
+    return model
 
 
 @pytest.mark.parametrize(
     ("build", "inputs", "reason"),
     [
         (grouped_conv_model, lambda: torch.randn(2, 4, 6, 6), "groups > 1"),
-        (nf4_model, lambda: torch.randn(3, 64), "its base Linear4bit is not one of nn.Linear"),
+        (unknown_variant_model, lambda: torch.randn(3, 12), "variant OwnVariant is not one"),
     ],
 )
 def test_what_it_cannot_compute_stays_peft_and_is_named_once(build, inputs, reason):
@@ -245,6 +251,50 @@ def test_what_it_cannot_compute_stays_peft_and_is_named_once(build, inputs, reas
     assert len(messages) == 1
     assert "1 of 1 DoRA adapters stay on PEFT's own code" in messages[0]
     assert "layer (adapter 'default')" in messages[0] and reason in messages[0]
-    assert type(model.base_model.model.layer.lora_variant["default"]).__module__.startswith("peft")
+    assert not type(model.base_model.model.layer.lora_variant["default"]).__module__.startswith(
+        "torchdora"
+    )
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+#: PEFT's own DoRA cannot dequantize torchao's NF4 weights (NF4Tensor.dequantize() takes other
+#: arguments), so there is nothing of PEFT's to compare with there.
+PEFT_QUANTIZED = [m for m in QUANTIZATION_METHODS if m != "torchao-nf4"]
+
+
+@pytest.mark.parametrize("method", PEFT_QUANTIZED)
+@pytest.mark.parametrize("marked", [False, True], ids=["in-lora-Linear", "in-peft-quantized-layer"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_quantized_bases_give_peft_outputs_and_gradients(method, marked, dropout):
+    """PEFT's QDoRA (bitsandbytes, torchao): in PEFT's own quantized layer classes (a model
+    marked as loaded in 4/8 bits) and in its plain Linear (a model that is not)."""
+    pytest.importorskip("bitsandbytes" if method.startswith("bnb") else "torchao")
+    torch.manual_seed(0)
+    base = One(quantize_linear(nn.Linear(256, 128), method))
+    if marked:
+        base.is_loaded_in_8bit = method == "bnb-int8"
+        base.is_loaded_in_4bit = method in ("bnb-nf4", "bnb-fp4")
+    model = dora_model(base, ["layer"], r=4, lora_dropout=dropout)
+    plain, accelerated = twins(model)
+    x = torch.randn(3, 5, 256)
+    for run_model in (plain, accelerated):
+        run_model.train()
+    assert_close(run(accelerated, "linear", x), run(plain, "linear", x), FLOAT32)
+    variant = accelerated.base_model.model.layer.lora_variant["default"]
+    assert type(variant).__name__ == "QuantizedDoraLinearVariant"
+
+
+def test_a_kernel_that_quantizes_its_input_is_not_used_for_the_dropped_base_output():
+    """bitsandbytes' int8 kernel quantizes its input too except when training on CPU (as on a
+    GPU); PEFT takes ``Ŵ x_d`` from the dequantized weight, and so must the accelerated path."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = dora_model(One(quantize_linear(nn.Linear(256, 128), "bnb-int8")), ["layer"], r=4,
+                       lora_dropout=0.3)  # fmt: skip
+    plain, accelerated = twins(model)
+    for run_model in (plain, accelerated):
+        run_model.train()
+        run_model.base_model.model.layer.base_layer.eval()  # the int8 kernel's own path
+    x = torch.randn(3, 5, 256)
+    assert_close(run(accelerated, "linear", x), run(plain, "linear", x), FLOAT32)

@@ -1,8 +1,8 @@
 """DoRA on a linear base whose output someone else computed: PEFT's layers run ``W x + b``
 themselves and hand it to their DoRA variant, which adds the rest.
 
-From ``result = W x + b`` this computes PEFT's DoRA output with the factored norm (no
-``d_out × d_in`` matrix) and no second pass over ``W x``::
+From ``result = W x + b`` and the row norms ``n`` this computes PEFT's DoRA output without a
+second pass over ``W x``::
 
     y = (m/n) ⊙ (result − b + s·B A x) + b                        (no dropout, or eval)
     y = result + (m/n − 1) ⊙ W x_d + (m/n)·s·B A x_d              (x_d = dropout(x))
@@ -10,14 +10,13 @@ From ``result = W x + b`` this computes PEFT's DoRA output with the factored nor
 The second line is PEFT's form with dropout on the low-rank branch (its base output is taken
 once more, on the dropped input); the caller passes ``W x_d`` as ``base_dropped``. Both are
 ``y = β + α ⊙ D + s·x_l Aᵀ (diag(m/n) B)ᵀ`` with ``(D, α, β) = (result, m/n, (1 − m/n)·b)``
-or ``(W x_d, m/n − 1, result)``. The norm is plain autograd ops (none recorded when it is
-detached); the rest, eagerly, is :class:`RescaleBaseOutputFunction`, which keeps one ``T × d_out``
-tensor (``D``) more than LoRA where autograd would keep two at the backward's peak.
+or ``(W x_d, m/n − 1, result)``. The caller computes the norm (it knows how to read ``W``:
+a plain, transposed or quantized weight); the rest, eagerly, is
+:class:`RescaleBaseOutputFunction`, which keeps one ``T × d_out`` tensor (``D``) more than LoRA
+where autograd would keep two at the backward's peak.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -25,24 +24,19 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from torchdora.functional.autocast import autocast_enabled, autocast_off, cast
-from torchdora.functional.norm import factored_row_norm, scale_dtype
+from torchdora.functional.norm import scale_dtype
 
 
 def dora_from_base_output(
     result: Tensor,
     lora_x: Tensor,
     base_dropped: Tensor | None,
-    weight: Tensor,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     magnitude: Tensor,
     scaling: float,
-    weight_sq_norm: Tensor,
-    *,
-    eps: float = 1e-8,
-    detach_norm: bool = True,
-    norm: Tensor | None = None,
+    norm: Tensor,
 ) -> Tensor:
     """PEFT's DoRA output from its base output ``result`` (see the module docstring).
 
@@ -50,24 +44,15 @@ def dora_from_base_output(
         result: ``W x + b``, ``(..., d_out)``.
         lora_x: the low-rank branch's input (``x``, or ``dropout(x)``), ``(..., d_in)``.
         base_dropped: ``W x_d`` without bias when ``lora_x`` is a dropped ``x``, else ``None``.
-        weight: ``W`` as ``(d_out, d_in)`` (a view is fine: ``Conv1D``'s ``Wᵀ``), frozen.
         bias: ``b`` or ``None``.
         lora_A, lora_B, magnitude: ``(r, d_in)``, ``(d_out, r)``, ``(d_out,)``.
         scaling: ``s``.
-        weight_sq_norm: cached ``‖W_i‖²`` in float32 (or float64).
-        eps: floor of the row norm.
-        detach_norm: treat ``n`` as a constant in backward (PEFT, paper §4.3).
-        norm: a cached ``n``, taken as a constant (``W`` is not read).
+        norm: ``n = ‖W + s·B A‖`` per row (e.g. :func:`factored_row_norm`), detached or not:
+            its gradient is the caller's choice.
 
     Returns:
         ``(..., d_out)`` in ``result``'s dtype.
     """
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("dora_from_base_output computes no gradient for W: freeze the base weight")
-    if norm is None:
-        with torch.no_grad() if detach_norm else contextlib.nullcontext():
-            weight_a = F.linear(lora_A.to(weight.dtype), weight).T  # in W's dtype: no cast of W
-            norm = factored_row_norm(weight_sq_norm, weight_a, lora_A, lora_B, scaling, eps)
     scale = magnitude.reshape(-1).to(norm.dtype) / norm
     lead, d_out = result.shape[:-1], result.shape[-1]
     flat = [t if t is None else t.reshape(-1, t.shape[-1]) for t in (result, lora_x, base_dropped)]

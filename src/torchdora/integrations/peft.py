@@ -52,7 +52,10 @@ def accelerate_peft(model: nn.Module, *, exact_gradient: bool = False) -> nn.Mod
     """Compute every DoRA adapter of a PEFT model with torchdora, in place; returns ``model``.
 
     Each DoRA adapter of each PEFT LoRA layer (``nn.Linear``, ``transformers``' ``Conv1D``,
-    ``nn.Embedding``, ``nn.Conv1d/2d/3d``) keeps its parameters (the same tensors: an optimizer
+    ``nn.Embedding``, ``nn.Conv1d/2d/3d``, and bitsandbytes or torchao quantized Linears: PEFT's
+    QDoRA, whose weight is then dequantized a block at a time instead of whole at every forward;
+    bitsandbytes' CPU repacking is switched off, as torchdora's own QDoRA does) keeps its
+    parameters (the same tensors: an optimizer
     built before or after still trains them, ``state_dict`` keys are unchanged) and PEFT's
     numbers, but runs the factored norm instead of PEFT's dense ``W + s·B A``. Everything else
     stays PEFT's: dropout, several adapters, ``disable_adapter()``, merging, saving and loading.
@@ -63,13 +66,13 @@ def accelerate_peft(model: nn.Module, *, exact_gradient: bool = False) -> nn.Mod
         exact_gradient: ``False`` (default): PEFT's gradient, which treats the weight norm as a
             constant (paper §4.3); ``True``: the full gradient (torchdora's own default).
 
-    Adapters torchdora cannot compute (quantized or custom bases, grouped convolutions,
+    Adapters torchdora cannot compute (other quantized or custom bases, grouped convolutions,
     variants it does not know) stay as PEFT has them, named in one warning.
     """
     if not isinstance(exact_gradient, bool):
         raise TypeError(f"exact_gradient must be a bool, got {type(exact_gradient).__name__}")
     _check_peft()
-    from torchdora.integrations.peft_variants import ACCELERATED, AcceleratedVariant
+    from torchdora.integrations.peft_variants import AcceleratedVariant, accelerated_for
 
     skipped, dora_adapters = [], 0
     for name, layer in _lora_layers(model, "accelerate_peft"):
@@ -78,13 +81,9 @@ def accelerate_peft(model: nn.Module, *, exact_gradient: bool = False) -> nn.Mod
             if not layer.use_dora.get(adapter, False):
                 continue
             dora_adapters += 1
-            accelerated = ACCELERATED.get(type(original))
-            if accelerated is None:
-                reason = f"its variant {type(original).__name__} is not one torchdora knows"
-            else:
-                reason = accelerated.refuses(layer)
-            if reason is not None:
-                skipped.append(f"{name} (adapter {adapter!r}): {reason}")
+            accelerated = accelerated_for(layer, original)
+            if isinstance(accelerated, str):
+                skipped.append(f"{name} (adapter {adapter!r}): {accelerated}")
                 continue
             layer.lora_variant[adapter] = accelerated(original, exact_gradient)
     if not dora_adapters:

@@ -4,16 +4,18 @@ PEFT (0.17 and later) computes DoRA through a variant object per adapter
 (``layer.lora_variant[name]``) whose ``forward(module, active_adapter, x, result)`` turns the
 base layer's output into the adapted one. The classes here subclass PEFT's own variants, so
 merging, unmerging and initialisation stay PEFT's code, and replace ``forward`` with the factored
-norm (no ``d_out × d_in`` matrix) on PEFT's own parameters. PEFT's numbers are the contract:
-the same forward (including its form with dropout) and, by default, PEFT's gradient, which
-treats the norm as a constant (paper §4.3); ``exact_gradient=True`` gives the full gradient.
+norm (no ``d_out × d_in`` matrix; a quantized weight is dequantized a block of rows at a time)
+on PEFT's own parameters. PEFT's numbers are the contract: the same forward (including its form
+with dropout) and, by default, PEFT's gradient, which treats the norm as a constant (paper §4.3);
+``exact_gradient=True`` gives the full gradient.
 
-A forward this module cannot compute (a trainable base weight, a sharded or non-floating one)
-runs PEFT's own code instead. Imported only by :func:`torchdora.integrations.accelerate_peft`.
+A forward this module cannot compute (a trainable base weight, a sharded one) runs PEFT's own
+code instead. Imported only by :func:`torchdora.integrations.accelerate_peft`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -27,24 +29,29 @@ from torchdora import functional as DF
 from torchdora.defaults import DEFAULT_EPS
 from torchdora.layers.cache import TensorCache
 from torchdora.layers.dispatch import layer_kind_for
+from torchdora.quantization import backend_for
 
 _CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+_QUANTIZED_KIND = "quantized Linear (bitsandbytes, torchao)"
 
 
 class AcceleratedVariant:
-    """What every accelerated variant holds: the PEFT variant it replaced (for
-    :func:`~torchdora.integrations.restore_peft`), the gradient setting, and two caches.
+    """What every accelerated variant shares: the PEFT variant it replaced (for
+    :func:`~torchdora.integrations.restore_peft`), the gradient setting, and the norm.
 
-    ``‖W_i‖²`` is cached while the base weight is unchanged (``torchdora.layers.cache``). The norm
-    ``n`` itself is cached only where PEFT caches it (``peft.tuners.lora.dora.ENABLE_DORA_CACHING``
-    on and the layer in eval mode), and forgotten at any forward in training mode, as PEFT forgets
-    its cache in ``train()``: an optimizer that updates parameters in place without bumping their
-    version (``AdamW(fused=True)``) trains only through forwards in training mode.
+    A kind says how to read its base weight as the ``(d_out, fan_in)`` matrix ``W`` DoRA
+    normalises (:meth:`weight_matrix`). ``‖W_i‖²`` is cached while the base weight is unchanged
+    (``torchdora.layers.cache``). The norm ``n`` itself is cached only where PEFT caches it
+    (``peft.tuners.lora.dora.ENABLE_DORA_CACHING`` on and the layer in eval mode) and forgotten
+    at any forward in training mode, as PEFT forgets its cache in ``train()``: an optimizer that
+    updates parameters without bumping their version (``AdamW(fused=True)``) trains only through
+    forwards in training mode.
     """
 
-    #: the PEFT layer class this variant runs in, and the base kinds (torchdora's layer kind
-    #: names, ``torchdora.layers.dispatch``) it computes
-    layer_type: type[nn.Module]
+    #: the PEFT variant class replaced, the PEFT layer classes it runs in, and the base kinds
+    #: (torchdora's layer kind names, ``torchdora.layers.dispatch``) it computes
+    peft_variant_type: type
+    layer_types: tuple[type[nn.Module], ...]
     base_kinds: tuple[str, ...]
 
     def __init__(self, peft_variant: Any, exact_gradient: bool) -> None:
@@ -55,26 +62,31 @@ class AcceleratedVariant:
 
     @classmethod
     def refuses(cls, layer: nn.Module) -> str | None:
-        """Why this variant cannot compute DoRA on the PEFT ``layer`` (``None``: it can)."""
+        """Why this variant cannot compute DoRA on the PEFT ``layer``, one of
+        :attr:`layer_types` (``None``: it can)."""
         base = layer.get_base_layer()
-        if type(layer) is not cls.layer_type:
-            return f"PEFT computes {type(layer).__name__} layers its own way"
         kind = layer_kind_for(base)
         if kind is None or kind.name not in cls.base_kinds:
             return f"its base {type(base).__name__} is not one of {', '.join(cls.base_kinds)}"
-        if not plain_weight(base.weight):
-            return f"its base weight is a {type(base.weight).__name__} of {base.weight.dtype}"
         if getattr(base, "groups", 1) != 1:
             return "its base convolution has groups > 1"
         return None
 
-    def computes(self, weight: Tensor) -> bool:
+    # ----------------------------------------------------------------- the base weight
+    def weight_matrix(self, module: nn.Module) -> Tensor:
+        """The base weight as ``(d_out, fan_in)`` (a view where the layout allows)."""
+        return module.get_base_layer().weight
+
+    def computes(self, module: nn.Module) -> bool:
         """Whether torchdora computes this forward (else PEFT's own code runs): a plain
         floating-point base weight, frozen where a gradient is being recorded."""
-        return plain_weight(weight) and not (weight.requires_grad and torch.is_grad_enabled())
+        weight = module.get_base_layer().weight
+        plain = type(weight) in (Tensor, nn.Parameter) and weight.is_floating_point()
+        return plain and not (weight.requires_grad and torch.is_grad_enabled())
 
-    def weight_sq_norm(self, weight: Tensor) -> Tensor:
-        """``‖W_i‖²`` of the ``(d_out, fan_in)`` matrix ``weight``, cached while it is unchanged."""
+    def weight_sq_norm(self, module: nn.Module) -> Tensor:
+        """``‖W_i‖²``, cached while the base weight is unchanged."""
+        weight = self.weight_matrix(module)
 
         def compute() -> Tensor:
             with torch.no_grad():
@@ -83,48 +95,40 @@ class AcceleratedVariant:
         cacheable = not torch.compiler.is_compiling()
         return self._weight_sq_norm.get([weight], None, compute, cacheable)
 
-    def cached_norm(
-        self, module: nn.Module, adapter: str, weight: Tensor, lora_A: Tensor, lora_B: Tensor
-    ) -> Tensor | None:
-        """The detached norm ``n`` where PEFT would use a cached one, else ``None``."""
-        if torch.compiler.is_compiling():
-            return None
-        if module.training:
+    def weight_a(self, module: nn.Module, lora_A: Tensor) -> Tensor:
+        """``P = W Aᵀ`` (``d_out × r``): one ``r``-row pass over ``W`` in its own dtype."""
+        weight = self.weight_matrix(module)
+        return F.linear(lora_A.to(weight.dtype), weight).T
+
+    # ----------------------------------------------------------------- the norm
+    def row_norm(self, module: nn.Module, adapter: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """``n = ‖W + s·B A‖`` per row, factored; a constant unless ``exact_gradient``."""
+        scaling, cacheable = module.scaling[adapter], not torch.compiler.is_compiling()
+        if cacheable and module.training:
             self._norm.clear()
-            return None
-        if not peft_dora.ENABLE_DORA_CACHING:
-            return None
-        if self.exact_gradient and torch.is_grad_enabled():
-            return None
-        scaling = module.scaling[adapter]
+        cached = cacheable and not module.training and peft_dora.ENABLE_DORA_CACHING
+        exact = self.exact_gradient and torch.is_grad_enabled()
 
         def compute() -> Tensor:
-            with torch.no_grad():
-                c = self.weight_sq_norm(weight)
-                weight_a = F.linear(lora_A.to(weight.dtype), weight).T
+            with contextlib.nullcontext() if exact else torch.no_grad():
+                c, weight_a = self.weight_sq_norm(module), self.weight_a(module, lora_A)
                 return DF.factored_row_norm(c, weight_a, lora_A, lora_B, scaling, DEFAULT_EPS)
 
-        return self._norm.get([weight, lora_A, lora_B], scaling, compute)
+        if cached and not exact:
+            return self._norm.get([self.weight_matrix(module), lora_A, lora_B], scaling, compute)
+        return compute()
 
     def scale(
-        self, module: nn.Module, adapter: str, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-        magnitude: Tensor,
-    ) -> Tensor:  # fmt: skip
-        """``m / n`` per row in plain autograd ops (the kinds other than Linear), ``n``
-        detached unless ``exact_gradient``."""
-        norm = self.cached_norm(module, adapter, weight, lora_A, lora_B)
-        if norm is None:
-            c, s = self.weight_sq_norm(weight), module.scaling[adapter]
-            weight_a = F.linear(lora_A.to(weight.dtype), weight).T
-            norm = DF.factored_row_norm(c, weight_a, lora_A, lora_B, s, DEFAULT_EPS)
-            if not self.exact_gradient:
-                norm = norm.detach()
+        self, module: nn.Module, adapter: str, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor
+    ) -> Tensor:
+        """``m / n`` per row in plain autograd ops (the kinds other than Linear)."""
+        norm = self.row_norm(module, adapter, lora_A, lora_B)
         return magnitude.reshape(-1).to(norm.dtype) / norm
 
-
-def plain_weight(weight: Tensor) -> bool:
-    """A floating-point weight of plain tensor type (no quantized or sharded subclass)."""
-    return type(weight) in (Tensor, nn.Parameter) and weight.is_floating_point()
+    def peft_forward(self, module: nn.Module, adapter: str, x: Tensor, result: Tensor, **kwargs):
+        return self.peft_variant.forward(
+            module, active_adapter=adapter, x=x, result=result, **kwargs
+        )
 
 
 def _dropped(module: nn.Module, adapter: str, x: Tensor) -> Tensor | None:
@@ -138,59 +142,127 @@ def _dropped(module: nn.Module, adapter: str, x: Tensor) -> Tensor | None:
 class DoraLinearVariant(AcceleratedVariant, peft_variants.DoraLinearVariant):
     """PEFT's DoRA on ``nn.Linear`` and ``transformers``' ``Conv1D`` (``fan_in_fan_out``)."""
 
-    layer_type = peft_layers.Linear
+    peft_variant_type = peft_variants.DoraLinearVariant
+    layer_types = (peft_layers.Linear,)
     base_kinds = ("nn.Linear", "transformers Conv1D")
+
+    def weight_matrix(self, module: nn.Module) -> Tensor:
+        weight = module.get_base_layer().weight
+        return weight.T if module.fan_in_fan_out else weight
+
+    def base_output(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``W x`` without the bias, in ``dtype`` (the base output's)."""
+        return F.linear(x.to(dtype), self.weight_matrix(module))
 
     def forward(
         self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs
     ) -> Tensor:
-        base = module.get_base_layer()
-        weight = base.weight.T if module.fan_in_fan_out else base.weight
-        if not self.computes(weight):
-            return self.peft_variant.forward(
-                module, active_adapter=active_adapter, x=x, result=result, **kwargs
-            )
+        if not self.computes(module):
+            return self.peft_forward(module, active_adapter, x, result, **kwargs)
         a = active_adapter
         lora_A, lora_B = module.lora_A[a].weight, module.lora_B[a].weight
-        magnitude = module.lora_magnitude_vector[a].weight
         lora_x = _dropped(module, a, x)
-        base_dropped = None if lora_x is None else F.linear(lora_x.to(result.dtype), weight)
+        base_dropped = None if lora_x is None else self.base_output(module, lora_x, result.dtype)
         return DF.dora_from_base_output(
             result,
             x if lora_x is None else lora_x,
             base_dropped,
-            weight,
-            base.bias,
+            module.get_base_layer().bias,
             lora_A,
             lora_B,
-            magnitude,
+            module.lora_magnitude_vector[a].weight,
             module.scaling[a],
-            self.weight_sq_norm(weight),
-            eps=DEFAULT_EPS,
-            detach_norm=not self.exact_gradient,
-            norm=self.cached_norm(module, a, weight, lora_A, lora_B),
+            self.row_norm(module, a, lora_A, lora_B),
         )
+
+
+def _quantized_layer_types() -> tuple[type[nn.Module], ...]:
+    """PEFT's LoRA layers over bitsandbytes and torchao bases: its own classes for them (those
+    whose library is here), and its plain Linear, which wraps them too when a model is not
+    marked as loaded in 4 or 8 bits."""
+    from peft.tuners.lora import bnb, torchao
+
+    found = [getattr(bnb, name, None) for name in ("Linear4bit", "Linear8bitLt")]
+    own = tuple(t for t in (*found, torchao.TorchaoLoraLinear) if t is not None)
+    return (*own, peft_layers.Linear)
+
+
+class QuantizedDoraLinearVariant(DoraLinearVariant):
+    """PEFT's DoRA on a bitsandbytes (``Linear4bit``, ``Linear8bitLt``) or torchao base.
+
+    PEFT dequantizes the whole weight at every forward; here ``‖Ŵ_i‖²`` is computed once by
+    dequantizing a block of rows at a time and cached (torchdora's QDoRA backends), and
+    ``P = Ŵ Aᵀ`` takes one pass over the blocks, never the whole ``Ŵ`` at once.
+    """
+
+    layer_types = _quantized_layer_types()
+    base_kinds = (_QUANTIZED_KIND,)
+
+    @classmethod
+    def refuses(cls, layer: nn.Module) -> str | None:
+        """As for any kind, and the backend's own check, which also switches off library
+        behaviours that would repack the weight behind the cache (bitsandbytes on CPU)."""
+        reason = super().refuses(layer)
+        if reason is None:
+            base = layer.get_base_layer()
+            try:
+                backend_for(base).check(base)
+            except ValueError as error:
+                return str(error)
+        return reason
+
+    def weight_matrix(self, module: nn.Module) -> Tensor:
+        """The tensor holding the packed weight: the caches key on it (never dequantized)."""
+        base = module.get_base_layer()
+        return backend_for(base).storage(base)
+
+    def computes(self, module: nn.Module) -> bool:
+        return True  # a quantized weight cannot be trained
+
+    def weight_sq_norm(self, module: nn.Module) -> Tensor:
+        base = module.get_base_layer()
+
+        def compute() -> Tensor:
+            return backend_for(base).row_sq_norm(base)
+
+        cacheable = not torch.compiler.is_compiling()
+        return self._weight_sq_norm.get([self.weight_matrix(module)], None, compute, cacheable)
+
+    def weight_a(self, module: nn.Module, lora_A: Tensor) -> Tensor:
+        base = module.get_base_layer()
+        return backend_for(base).weight_times(base, lora_A)
+
+    def base_output(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``Ŵ x``: the library's kernel where it is linear in its input, else (a kernel that
+        quantizes its input too) from the dequantized blocks, as PEFT's dequantized matmul."""
+        base = module.get_base_layer()
+        backend = backend_for(base)
+        if not backend.is_linear_in_input(base):
+            flat = x.reshape(-1, x.shape[-1])
+            return backend.weight_times(base, flat).T.reshape(*x.shape[:-1], -1).to(dtype)
+        out = backend.run(base, x)
+        return (out if base.bias is None else out - base.bias.to(out.dtype)).to(dtype)
 
 
 class DoraEmbeddingVariant(AcceleratedVariant, peft_variants.DoraEmbeddingVariant):
     """PEFT's DoRA on ``nn.Embedding``: one magnitude per embedding dimension, the norm over
     the columns of the table ``E`` (the rows of ``Eᵀ``)."""
 
-    layer_type = peft_layers.Embedding
+    peft_variant_type = peft_variants.DoraEmbeddingVariant
+    layer_types = (peft_layers.Embedding,)
     base_kinds = ("nn.Embedding",)
+
+    def weight_matrix(self, module: nn.Module) -> Tensor:
+        return module.get_base_layer().weight.T
 
     def forward(
         self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs
     ) -> Tensor:
-        weight = module.get_base_layer().weight.T
-        if not self.computes(weight):
-            return self.peft_variant.forward(
-                module, active_adapter=active_adapter, x=x, result=result, **kwargs
-            )
+        if not self.computes(module):
+            return self.peft_forward(module, active_adapter, x, result, **kwargs)
         a = active_adapter
         lora_A, lora_B = module.lora_embedding_A[a], module.lora_embedding_B[a]
-        magnitude = module.lora_magnitude_vector[a].weight
-        scale = self.scale(module, a, weight, lora_A, lora_B, magnitude)
+        scale = self.scale(module, a, lora_A, lora_B, module.lora_magnitude_vector[a].weight)
         low_rank = (module._embed(x, lora_A.T) @ lora_B.T) * module.scaling[a]
         embed_scale = getattr(module, "_get_embed_scale", lambda: None)()
         if embed_scale is not None:
@@ -201,22 +273,24 @@ class DoraEmbeddingVariant(AcceleratedVariant, peft_variants.DoraEmbeddingVarian
 class _DoraConvNdVariant(AcceleratedVariant):
     """PEFT's DoRA on ``nn.Conv1d/2d/3d`` with ``groups=1``: one magnitude per output channel."""
 
+    def weight_matrix(self, module: nn.Module) -> Tensor:
+        return module.get_base_layer().weight.flatten(1)
+
     def forward(
         self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs
     ) -> Tensor:
-        base = module.get_base_layer()
+        if not self.computes(module):
+            return self.peft_forward(module, active_adapter, x, result, **kwargs)
+        base, a = module.get_base_layer(), active_adapter
         kernel = base.weight
-        weight = kernel.flatten(1)
-        if not self.computes(kernel):
-            return self.peft_variant.forward(
-                module, active_adapter=active_adapter, x=x, result=result, **kwargs
-            )
-        a = active_adapter
         lora_A, lora_B = module.lora_A[a], module.lora_B[a]
         rank = lora_A.weight.shape[0]
-        magnitude = module.lora_magnitude_vector[a].weight
         scale = self.scale(
-            module, a, weight, lora_A.weight.flatten(1), lora_B.weight.reshape(-1, rank), magnitude
+            module,
+            a,
+            lora_A.weight.flatten(1),
+            lora_B.weight.reshape(-1, rank),
+            module.lora_magnitude_vector[a].weight,
         ).view(1, -1, *([1] * (kernel.dim() - 2)))
         lora_x = _dropped(module, a, x)
         if lora_x is None:
@@ -233,26 +307,46 @@ class _DoraConvNdVariant(AcceleratedVariant):
 class DoraConv1dVariant(_DoraConvNdVariant, peft_variants.DoraConv1dVariant):
     """PEFT's DoRA on ``nn.Conv1d``."""
 
-    layer_type, base_kinds = peft_layers.Conv1d, ("nn.Conv1d",)
+    peft_variant_type = peft_variants.DoraConv1dVariant
+    layer_types, base_kinds = (peft_layers.Conv1d,), ("nn.Conv1d",)
 
 
 class DoraConv2dVariant(_DoraConvNdVariant, peft_variants.DoraConv2dVariant):
     """PEFT's DoRA on ``nn.Conv2d``."""
 
-    layer_type, base_kinds = peft_layers.Conv2d, ("nn.Conv2d",)
+    peft_variant_type = peft_variants.DoraConv2dVariant
+    layer_types, base_kinds = (peft_layers.Conv2d,), ("nn.Conv2d",)
 
 
 class DoraConv3dVariant(_DoraConvNdVariant, peft_variants.DoraConv3dVariant):
     """PEFT's DoRA on ``nn.Conv3d``."""
 
-    layer_type, base_kinds = peft_layers.Conv3d, ("nn.Conv3d",)
+    peft_variant_type = peft_variants.DoraConv3dVariant
+    layer_types, base_kinds = (peft_layers.Conv3d,), ("nn.Conv3d",)
 
 
-#: PEFT's variant class → the class replacing it.
-ACCELERATED = {
-    peft_variants.DoraLinearVariant: DoraLinearVariant,
-    peft_variants.DoraEmbeddingVariant: DoraEmbeddingVariant,
-    peft_variants.DoraConv1dVariant: DoraConv1dVariant,
-    peft_variants.DoraConv2dVariant: DoraConv2dVariant,
-    peft_variants.DoraConv3dVariant: DoraConv3dVariant,
-}
+ACCELERATED: tuple[type[AcceleratedVariant], ...] = (
+    DoraLinearVariant,
+    QuantizedDoraLinearVariant,
+    DoraEmbeddingVariant,
+    DoraConv1dVariant,
+    DoraConv2dVariant,
+    DoraConv3dVariant,
+)
+
+
+def accelerated_for(layer: nn.Module, peft_variant: Any) -> type[AcceleratedVariant] | str:
+    """The class that computes ``peft_variant`` on ``layer``, or why there is none."""
+    known = [c for c in ACCELERATED if type(peft_variant) is c.peft_variant_type]
+    if not known:
+        return f"its variant {type(peft_variant).__name__} is not one torchdora knows"
+    matching = [c for c in known if type(layer) in c.layer_types]
+    if not matching:
+        return f"PEFT computes {type(layer).__name__} layers its own way"
+    reasons = []
+    for candidate in matching:
+        reason = candidate.refuses(layer)
+        if reason is None:
+            return candidate
+        reasons.append(reason)
+    return reasons[0]

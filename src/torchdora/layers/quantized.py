@@ -172,8 +172,7 @@ class QuantizedDoRALinear(DoRALayer):
 
     def _base(self, x: Tensor) -> Tensor:
         """The quantized base on ``x``, in ``x``'s dtype whatever the library computes in."""
-        dtype = self.backend.input_dtype(self.base_layer)
-        return self.base_layer(x if dtype is None else x.to(dtype)).to(x.dtype)
+        return self.backend.run(self.base_layer, x)
 
     def _rows_base(self, x: Tensor) -> Tensor:
         return self._unbiased(self._base(x))

@@ -104,6 +104,11 @@ class QuantizedBackend(ABC):
         """The dtype the module's forward needs its input in, or ``None`` if it casts itself."""
         return None
 
+    def run(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The module on ``x``, in ``x``'s dtype whatever the library computes in."""
+        dtype = self.input_dtype(module)
+        return module(x if dtype is None else x.to(dtype)).to(x.dtype)
+
     def is_linear_in_input(self, module: nn.Module) -> bool:
         """Whether ``module(x) = x Ŵᵀ + b`` (Ŵ the dequantized weight) up to rounding.
 
