@@ -10,8 +10,12 @@ the same Linear left in float32 under ``DoRALinear``. A step is ``layer(x).backw
   adapter, its gradients, caches: resident-set growth) and the step's own transient peak;
 - the memory QDoRA saves against float DoRA.
 
+``--peft`` adds PEFT's QLoRA and QDoRA on the same quantized base (``peft-qlora``,
+``peft-qdora``) and PEFT's QDoRA after ``torchdora.accelerate_peft`` (``peft-accel``).
+
     .venv/bin/python benchmarks/qdora_step.py                       # 2048², T=256, r=16, nf4
     .venv/bin/python benchmarks/qdora_step.py --d 4096 --method torchao-int8
+    .venv/bin/python benchmarks/qdora_step.py --peft                # and PEFT's, accelerated
 """
 
 from __future__ import annotations
@@ -26,12 +30,21 @@ import common as C
 import torch
 from torch import nn
 
-from torchdora import DoRALinear
+from torchdora import DoRALinear, accelerate_peft
 from torchdora.layers.quantized import QuantizedDoRALinear
 from torchdora.quantization import QUANTIZATION_METHODS, quantize_linear
 
 VARIANTS = ("qdora", "qlora", "dora")
+PEFT_VARIANTS = ("peft-qlora", "peft-qdora", "peft-accel")
 DEVICE = torch.device("cpu")
+
+
+class _Holder(nn.Module):
+    """The one-module model PEFT injects into."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
 
 
 def build(variant: str, d: int, args: argparse.Namespace) -> nn.Module:
@@ -39,6 +52,16 @@ def build(variant: str, d: int, args: argparse.Namespace) -> nn.Module:
     if variant == "dora":
         return DoRALinear.from_linear(linear, rank=args.rank)
     base = quantize_linear(linear, args.method)
+    if variant in PEFT_VARIANTS:
+        import peft
+
+        config = peft.LoraConfig(
+            r=args.rank, target_modules=["proj"], use_dora=variant != "peft-qlora"
+        )
+        model = peft.get_peft_model(_Holder(base), config)
+        if variant == "peft-accel":
+            accelerate_peft(model)
+        return model.base_model.model.proj
     return QuantizedDoRALinear(base, rank=args.rank, use_dora=variant == "qdora")
 
 
@@ -93,10 +116,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peft", action="store_true", help="race PEFT's QLoRA/QDoRA too")
     C.add_noise_arguments(parser)
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS + PEFT_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    variants = VARIANTS + (PEFT_VARIANTS if args.peft else ())
     C.setup("cpu", args.threads)
     if args.memory_child:
         memory_child(args)
@@ -104,13 +129,13 @@ def main() -> None:
 
     print(f"# qdora_step on {C.machine(DEVICE)}\n# {C.command_line()}", flush=True)
     x, grad = inputs(args.d, args)
-    steps = {variant: make_step(build(variant, args.d, args), x, grad) for variant in VARIANTS}
+    steps = {variant: make_step(build(variant, args.d, args), x, grad) for variant in variants}
     times, rounds = C.interleaved(
         steps, args.reps, args.warmup, DEVICE, args.max_other_load, args.patience
     )
     ms = {variant: 1e3 * C.median(samples) for variant, samples in times.items()}
     del steps
-    mib = {variant: memory(variant, args) for variant in VARIANTS}
+    mib = {variant: memory(variant, args) for variant in variants}
     rows = [
         [
             variant,
@@ -120,7 +145,7 @@ def main() -> None:
             f"{mib[variant]['peak']:.1f}",
             f"{mib[variant]['held'] + mib[variant]['peak']:.1f}",
         ]
-        for variant in VARIANTS
+        for variant in variants
     ]
     headers = ["variant", "step ms", "÷ qlora", "held MiB", "step peak MiB", "total MiB"]
     print(
@@ -128,8 +153,8 @@ def main() -> None:
         f"other processes' CPU share / rounds redone: {C.noise_note(rounds)}\n"
     )
     print(C.markdown_table(headers, rows))
-    held = {variant: mib[variant]["held"] for variant in VARIANTS}
-    total = {variant: held[variant] + mib[variant]["peak"] for variant in VARIANTS}
+    held = {variant: mib[variant]["held"] for variant in variants}
+    total = {variant: held[variant] + mib[variant]["peak"] for variant in variants}
     print(
         f"\nQDoRA / QLoRA step time: {ms['qdora'] / ms['qlora']:.3f}; "
         f"QDoRA − QLoRA total memory: {total['qdora'] - total['qlora']:+.1f} MiB\n"
@@ -137,6 +162,13 @@ def main() -> None:
         f"({held['qdora'] / held['dora']:.2f}×); at the step's peak "
         f"{total['dora'] - total['qdora']:+.1f} MiB"
     )
+    if args.peft:
+        print(
+            f"accelerated / PEFT QDoRA step time: {ms['peft-accel'] / ms['peft-qdora']:.3f}; "
+            f"accelerated / PEFT QLoRA: {ms['peft-accel'] / ms['peft-qlora']:.3f}; "
+            f"accelerated − PEFT QDoRA total memory: "
+            f"{total['peft-accel'] - total['peft-qdora']:+.1f} MiB"
+        )
 
 
 if __name__ == "__main__":
