@@ -111,3 +111,71 @@ def test_mixed_batch_times_every_variant(tmp_path):
         "mixed_batch.py", *args, "--reps=2", "--warmup=1", "--no-memory", tmp_path=tmp_path
     )
     assert set(payload["results"][0]["median_s"]) == {"single", "mixed", "separate", "merged"}
+
+
+PEFT_CLIENT = ["--dtypes=bf16", "--steps=2", "--warmup=1", "--rounds=1"]
+
+
+def test_peft_client_times_each_variant_in_the_real_trainer(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    variants = "peft-dora,accelerated,apply_dora"
+    args = ["--tasks=sft", f"--variants={variants}", *PEFT_CLIENT]
+    result = run("peft_client.py", *args, tmp_path=tmp_path)["results"][0]
+    assert set(result["median_step_s"]) == set(variants.split(","))
+    assert set(result["paired_ratio"]) == {"accelerated/PEFT-DoRA", "apply_dora/PEFT-DoRA"}
+    runs = {v: r[0] for v, r in result["runs"].items()}
+    assert all(len(r["steps_s"]) == 2 and r["peak_rss_mib"] > 0 for r in runs.values())
+    assert len({r["trainable"] for r in runs.values()}) == 1  # the same adapters in each
+
+
+@pytest.mark.slow
+def test_peft_client_classification_through_trainer(tmp_path):
+    pytest.importorskip("trl")
+    result = run("peft_client.py", "--tasks=classify", *PEFT_CLIENT, tmp_path=tmp_path)
+    assert set(result["results"][0]["paired_ratio"]) == {
+        "accelerated/PEFT-DoRA", "apply_dora/PEFT-DoRA", "PEFT-DoRA/PEFT-LoRA"
+    }  # fmt: skip
+
+
+def test_peft_client_names_bad_input_in_one_line():
+    script = str(BENCHMARKS / "peft_client.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--variants=peft-dora,qlora"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(
+        "--variants: unknown qlora; choose from peft-lora, peft-dora, accelerated, apply_dora"
+    )
+
+
+def test_peft_layer_races_the_accelerated_layer(tmp_path):
+    pytest.importorskip("peft")
+    payload = run("peft_layer.py", *TINY, "--dtypes=fp32", "--no-memory", tmp_path=tmp_path)
+    variants = {"lora", "peft-lora", "peft-dora", "peft-accel", "dora"}
+    assert set(payload["results"][0]["median_s"]) == variants
+
+
+@pytest.mark.slow
+def test_layer_step_measures_the_accelerated_layer_s_memory(tmp_path):
+    pytest.importorskip("peft")
+    args = [*TINY, "--dtypes=fp32", "--variants=lora,peft-accel", "--memory-only"]
+    peaks = run("layer_step.py", *args, tmp_path=tmp_path)["results"][0]["peak_mib"]
+    assert set(peaks) == {"lora", "peft-accel"}
+
+
+@pytest.mark.slow
+def test_qdora_step_races_peft_qdora():
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    args = ["--peft", "--d=64", "--tokens=8", "--rank=4", "--reps=2", "--warmup=1", *NO_WAITING]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "qdora_step.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("|")}
+    assert {"qdora", "qlora", "peft-qdora", "peft-accel"} <= rows
+    assert "accelerated / PEFT QDoRA step time" in proc.stdout
