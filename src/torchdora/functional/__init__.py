@@ -12,7 +12,7 @@ elsewhere (PEFT's layers). :mod:`.heuristics` holds the speed choices between eq
 :mod:`.merge` the dense maths of merging.
 """
 
-from torchdora.functional.autocast import autocast_enabled
+from torchdora.functional.autocast import autocast_enabled, cast
 from torchdora.functional.base_output import RescaleBaseOutputFunction, dora_from_base_output
 from torchdora.functional.fused import DoRALinearFunction, LoRALinearFunction
 from torchdora.functional.heuristics import STACK_MAX_TOKENS_PER_OUT, stack_base_matmul
@@ -47,6 +47,7 @@ __all__ = [
     "add_lora_",
     "autocast_enabled",
     "base_and_weight_a",
+    "cast",
     "delta_weight",
     "dora_from_base_output",
     "dora_linear",

@@ -53,7 +53,7 @@ def dora_from_base_output(
     Returns:
         ``(..., d_out)`` in ``result``'s dtype.
     """
-    scale = magnitude.reshape(-1).to(norm.dtype) / norm
+    scale = cast(magnitude.reshape(-1), norm.dtype) / norm
     lead, d_out = result.shape[:-1], result.shape[-1]
     flat = [t if t is None else t.reshape(-1, t.shape[-1]) for t in (result, lora_x, base_dropped)]
     if torch.compiler.is_compiling():
@@ -82,15 +82,15 @@ def rescale_base_output(
     rounded once at the end: see :func:`~torchdora.functional.norm.scale_dtype`).
     """
     dtype = result.dtype
-    scale = scale.to(scale_dtype(dtype))
-    low_rank = F.linear(lora_x, lora_A.to(lora_x.dtype))
+    scale = cast(scale, scale_dtype(dtype))
+    low_rank = F.linear(lora_x, cast(lora_A, lora_x.dtype))
     if base_dropped is None:
         out = result * scale if bias is None else torch.addcmul(bias * (1 - scale), result, scale)
     else:
-        out = torch.addcmul(result.to(scale.dtype), base_dropped, scale - 1)
-    scaled_B = lora_B.to(scale.dtype) * scale.unsqueeze(1)
-    out = out.addmm_(low_rank.to(out.dtype), scaled_B.to(out.dtype).T, alpha=scaling)
-    return (out if out.dtype == dtype else out.to(dtype)), low_rank
+        out = torch.addcmul(cast(result, scale.dtype), base_dropped, scale - 1)
+    scaled_B = cast(lora_B, scale.dtype) * scale.unsqueeze(1)
+    out = out.addmm_(cast(low_rank, out.dtype), cast(scaled_B, out.dtype).t(), alpha=scaling)
+    return cast(out, dtype), low_rank
 
 
 class RescaleBaseOutputFunction(torch.autograd.Function):
@@ -128,8 +128,9 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     s, fp = ctx.scaling, scale.dtype
     # The low-rank branch's gradients in its own dtype (float32 adapters on a bfloat16 base,
     # as PEFT computes them): gᵀ (A x) is d_out × r.
-    grad_low_rank = grad_out.to(low_rank.dtype)
-    low_t_g = torch.mm(grad_low_rank.T, low_rank).to(fp)
+    grad_low_rank = cast(grad_out, low_rank.dtype)
+    low_t_g = cast(torch.mm(grad_low_rank.t(), low_rank), fp)
+    B = cast(lora_B, fp)
     grad_sum = grad_out.sum(0, dtype=fp) if bias is not None else None
     # Σ_t g ⊙ (D − b + s·B A x) per row: D's part through a T × d_out buffer, the rest d_out × r.
     buffer = torch.mul(grad_out, direction)
@@ -137,23 +138,23 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     if need_scale:
         grad_scale = buffer.sum(0, dtype=fp)
         if not ctx.dropped and bias is not None:
-            grad_scale = grad_scale.sub_(bias.to(fp) * grad_sum)
-        grad_scale = grad_scale.add_((low_t_g * lora_B.to(fp)).sum(1), alpha=s)
+            grad_scale = grad_scale.sub_(cast(bias, fp) * grad_sum)
+        grad_scale = grad_scale.add_((low_t_g * B).sum(1), alpha=s)
 
     # ∂L/∂D = g ⊙ α into the buffer; ∂L/∂result is that (no dropout) or g itself.
-    alpha = scale.to(scale_dtype(grad_out.dtype))
+    alpha = cast(scale, scale_dtype(grad_out.dtype))
     grad_direction = torch.mul(grad_out, alpha - 1 if ctx.dropped else alpha, out=buffer)
     scale_column = scale.unsqueeze(1)
-    grad_low = (grad_low_rank @ (lora_B.to(fp) * scale_column).to(low_rank.dtype)).mul_(s)
+    grad_low = torch.mm(grad_low_rank, cast(B * scale_column, low_rank.dtype)).mul_(s)
     grad_bias = None  # y holds (1 − m/n) ⊙ b besides the b inside result
     if need_bias and not ctx.dropped:
         grad_bias = cast(grad_sum * (1 - scale), bias.dtype)
     return (
         (grad_out if ctx.dropped else grad_direction) if need_result else None,
-        grad_low @ lora_A.to(grad_low.dtype) if need_x else None,
+        torch.mm(grad_low, cast(lora_A, grad_low.dtype)) if need_x else None,
         grad_direction if ctx.dropped and need_dropped else None,
         grad_bias,
-        cast(grad_low.T @ lora_x, lora_A.dtype) if need_A else None,
+        cast(torch.mm(grad_low.t(), lora_x), lora_A.dtype) if need_A else None,
         cast((low_t_g * scale_column).mul_(s), lora_B.dtype) if need_B else None,
         grad_scale,
     )

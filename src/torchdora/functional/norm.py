@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchdora.functional.autocast import cast
+
 
 def norm_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype norms are computed in: at least float32, float64 if any input is float64."""
@@ -100,8 +102,8 @@ def sq_norm_terms(
     ``addmm`` and one row reduction. The backward reuses ``Q`` (``Q − Pᵀ = Pᵀ + s·G Bᵀ``).
     """
     dtype = weight_sq_norm.dtype
-    A, B_t = lora_A.to(dtype), lora_B.to(dtype).T
-    q = torch.addmm(weight_a_t.to(dtype), A @ A.T, B_t, beta=2.0, alpha=scaling)
+    A, B_t = cast(lora_A, dtype), cast(lora_B, dtype).t()
+    q = torch.addmm(cast(weight_a_t, dtype), torch.mm(A, A.t()), B_t, beta=2.0, alpha=scaling)
     return torch.add(weight_sq_norm, (B_t * q).sum(0), alpha=scaling), q
 
 

@@ -73,20 +73,19 @@ class AcceleratedVariant:
         return None
 
     # ----------------------------------------------------------------- the base weight
-    def weight_matrix(self, module: nn.Module) -> Tensor:
-        """The base weight as ``(d_out, fan_in)`` (a view where the layout allows)."""
-        return module.get_base_layer().weight
+    def weight_matrix(self, module: nn.Module, base: nn.Module) -> Tensor:
+        """``base``'s weight as ``(d_out, fan_in)`` (a view where the layout allows)."""
+        return base.weight
 
-    def computes(self, module: nn.Module) -> bool:
+    def computes(self, base: nn.Module) -> bool:
         """Whether torchdora computes this forward (else PEFT's own code runs): a plain
         floating-point base weight, frozen where a gradient is being recorded."""
-        weight = module.get_base_layer().weight
+        weight = base.weight
         plain = type(weight) in (Tensor, nn.Parameter) and weight.is_floating_point()
         return plain and not (weight.requires_grad and torch.is_grad_enabled())
 
-    def weight_sq_norm(self, module: nn.Module) -> Tensor:
-        """``‖W_i‖²``, cached while the base weight is unchanged."""
-        weight = self.weight_matrix(module)
+    def weight_sq_norm(self, weight: Tensor, base: nn.Module) -> Tensor:
+        """``‖W_i‖²`` of ``weight`` (:meth:`weight_matrix`), cached while it is unchanged."""
 
         def compute() -> Tensor:
             with torch.no_grad():
@@ -95,14 +94,16 @@ class AcceleratedVariant:
         cacheable = not torch.compiler.is_compiling()
         return self._weight_sq_norm.get([weight], None, compute, cacheable)
 
-    def weight_a(self, module: nn.Module, lora_A: Tensor) -> Tensor:
+    def weight_a(self, weight: Tensor, base: nn.Module, lora_A: Tensor) -> Tensor:
         """``P = W Aᵀ`` (``d_out × r``): one ``r``-row pass over ``W`` in its own dtype."""
-        weight = self.weight_matrix(module)
-        return F.linear(lora_A.to(weight.dtype), weight).T
+        return F.linear(DF.cast(lora_A, weight.dtype), weight).t()
 
     # ----------------------------------------------------------------- the norm
-    def row_norm(self, module: nn.Module, adapter: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+    def row_norm(
+        self, module: nn.Module, base: nn.Module, adapter: str, lora_A: Tensor, lora_B: Tensor
+    ) -> Tensor:
         """``n = ‖W + s·B A‖`` per row, factored; a constant unless ``exact_gradient``."""
+        weight = self.weight_matrix(module, base)
         scaling, cacheable = module.scaling[adapter], not torch.compiler.is_compiling()
         if cacheable and module.training:
             self._norm.clear()
@@ -111,19 +112,21 @@ class AcceleratedVariant:
 
         def compute() -> Tensor:
             with contextlib.nullcontext() if exact else torch.no_grad():
-                c, weight_a = self.weight_sq_norm(module), self.weight_a(module, lora_A)
+                c = self.weight_sq_norm(weight, base)
+                weight_a = self.weight_a(weight, base, lora_A)
                 return DF.factored_row_norm(c, weight_a, lora_A, lora_B, scaling, DEFAULT_EPS)
 
         if cached and not exact:
-            return self._norm.get([self.weight_matrix(module), lora_A, lora_B], scaling, compute)
+            return self._norm.get([weight, lora_A, lora_B], scaling, compute)
         return compute()
 
     def scale(
-        self, module: nn.Module, adapter: str, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor
-    ) -> Tensor:
+        self, module: nn.Module, base: nn.Module, adapter: str, lora_A: Tensor, lora_B: Tensor,
+        magnitude: Tensor,
+    ) -> Tensor:  # fmt: skip
         """``m / n`` per row in plain autograd ops (the kinds other than Linear)."""
-        norm = self.row_norm(module, adapter, lora_A, lora_B)
-        return magnitude.reshape(-1).to(norm.dtype) / norm
+        norm = self.row_norm(module, base, adapter, lora_A, lora_B)
+        return DF.cast(magnitude.reshape(-1), norm.dtype) / norm
 
     def peft_forward(self, module: nn.Module, adapter: str, x: Tensor, result: Tensor, **kwargs):
         return self.peft_variant.forward(
@@ -146,33 +149,33 @@ class DoraLinearVariant(AcceleratedVariant, peft_variants.DoraLinearVariant):
     layer_types = (peft_layers.Linear,)
     base_kinds = ("nn.Linear", "transformers Conv1D")
 
-    def weight_matrix(self, module: nn.Module) -> Tensor:
-        weight = module.get_base_layer().weight
-        return weight.T if module.fan_in_fan_out else weight
+    def weight_matrix(self, module: nn.Module, base: nn.Module) -> Tensor:
+        return base.weight.t() if module.fan_in_fan_out else base.weight
 
-    def base_output(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def base_output(self, module: nn.Module, base: nn.Module, x: Tensor, dtype) -> Tensor:
         """``W x`` without the bias, in ``dtype`` (the base output's)."""
-        return F.linear(x.to(dtype), self.weight_matrix(module))
+        return F.linear(DF.cast(x, dtype), self.weight_matrix(module, base))
 
     def forward(
         self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs
     ) -> Tensor:
-        if not self.computes(module):
+        base = module.get_base_layer()
+        if not self.computes(base):
             return self.peft_forward(module, active_adapter, x, result, **kwargs)
         a = active_adapter
         lora_A, lora_B = module.lora_A[a].weight, module.lora_B[a].weight
         lora_x = _dropped(module, a, x)
-        base_dropped = None if lora_x is None else self.base_output(module, lora_x, result.dtype)
+        dropped = None if lora_x is None else self.base_output(module, base, lora_x, result.dtype)
         return DF.dora_from_base_output(
             result,
             x if lora_x is None else lora_x,
-            base_dropped,
-            module.get_base_layer().bias,
+            dropped,
+            base.bias,
             lora_A,
             lora_B,
             module.lora_magnitude_vector[a].weight,
             module.scaling[a],
-            self.row_norm(module, a, lora_A, lora_B),
+            self.row_norm(module, base, a, lora_A, lora_B),
         )
 
 
@@ -211,31 +214,26 @@ class QuantizedDoraLinearVariant(DoraLinearVariant):
                 return str(error)
         return reason
 
-    def weight_matrix(self, module: nn.Module) -> Tensor:
+    def weight_matrix(self, module: nn.Module, base: nn.Module) -> Tensor:
         """The tensor holding the packed weight: the caches key on it (never dequantized)."""
-        base = module.get_base_layer()
         return backend_for(base).storage(base)
 
-    def computes(self, module: nn.Module) -> bool:
+    def computes(self, base: nn.Module) -> bool:
         return True  # a quantized weight cannot be trained
 
-    def weight_sq_norm(self, module: nn.Module) -> Tensor:
-        base = module.get_base_layer()
-
+    def weight_sq_norm(self, weight: Tensor, base: nn.Module) -> Tensor:
         def compute() -> Tensor:
             return backend_for(base).row_sq_norm(base)
 
         cacheable = not torch.compiler.is_compiling()
-        return self._weight_sq_norm.get([self.weight_matrix(module)], None, compute, cacheable)
+        return self._weight_sq_norm.get([weight], None, compute, cacheable)
 
-    def weight_a(self, module: nn.Module, lora_A: Tensor) -> Tensor:
-        base = module.get_base_layer()
+    def weight_a(self, weight: Tensor, base: nn.Module, lora_A: Tensor) -> Tensor:
         return backend_for(base).weight_times(base, lora_A)
 
-    def base_output(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def base_output(self, module: nn.Module, base: nn.Module, x: Tensor, dtype) -> Tensor:
         """``Ŵ x``: the library's kernel where it is linear in its input, else (a kernel that
         quantizes its input too) from the dequantized blocks, as PEFT's dequantized matmul."""
-        base = module.get_base_layer()
         backend = backend_for(base)
         if not backend.is_linear_in_input(base):
             flat = x.reshape(-1, x.shape[-1])
@@ -252,17 +250,19 @@ class DoraEmbeddingVariant(AcceleratedVariant, peft_variants.DoraEmbeddingVarian
     layer_types = (peft_layers.Embedding,)
     base_kinds = ("nn.Embedding",)
 
-    def weight_matrix(self, module: nn.Module) -> Tensor:
-        return module.get_base_layer().weight.T
+    def weight_matrix(self, module: nn.Module, base: nn.Module) -> Tensor:
+        return base.weight.t()
 
     def forward(
         self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs
     ) -> Tensor:
-        if not self.computes(module):
+        base = module.get_base_layer()
+        if not self.computes(base):
             return self.peft_forward(module, active_adapter, x, result, **kwargs)
         a = active_adapter
         lora_A, lora_B = module.lora_embedding_A[a], module.lora_embedding_B[a]
-        scale = self.scale(module, a, lora_A, lora_B, module.lora_magnitude_vector[a].weight)
+        magnitude = module.lora_magnitude_vector[a].weight
+        scale = self.scale(module, base, a, lora_A, lora_B, magnitude)
         low_rank = (module._embed(x, lora_A.T) @ lora_B.T) * module.scaling[a]
         embed_scale = getattr(module, "_get_embed_scale", lambda: None)()
         if embed_scale is not None:
@@ -273,20 +273,21 @@ class DoraEmbeddingVariant(AcceleratedVariant, peft_variants.DoraEmbeddingVarian
 class _DoraConvNdVariant(AcceleratedVariant):
     """PEFT's DoRA on ``nn.Conv1d/2d/3d`` with ``groups=1``: one magnitude per output channel."""
 
-    def weight_matrix(self, module: nn.Module) -> Tensor:
-        return module.get_base_layer().weight.flatten(1)
+    def weight_matrix(self, module: nn.Module, base: nn.Module) -> Tensor:
+        return base.weight.flatten(1)
 
     def forward(
         self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs
     ) -> Tensor:
-        if not self.computes(module):
-            return self.peft_forward(module, active_adapter, x, result, **kwargs)
         base, a = module.get_base_layer(), active_adapter
+        if not self.computes(base):
+            return self.peft_forward(module, active_adapter, x, result, **kwargs)
         kernel = base.weight
         lora_A, lora_B = module.lora_A[a], module.lora_B[a]
         rank = lora_A.weight.shape[0]
         scale = self.scale(
             module,
+            base,
             a,
             lora_A.weight.flatten(1),
             lora_B.weight.reshape(-1, rank),
