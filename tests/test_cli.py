@@ -532,6 +532,9 @@ def test_commands_reading_a_run_name_bad_input_in_one_line(tiny, tmp_path, capsy
     fails(["analyze", str(a_file)], "is a file, not a folder")
     fails(["analyze", str(out), "--out", str(a_file)], "is a file, not a folder")
     fails(["analyze", str(out), "--out", str(a_file / "plots")], "Not a directory")
+    fails(["analyze", str(out), "--module-type", "quer"],
+          "has no layers of module type 'quer'; its types are query, value: pick one")  # fmt: skip
+    fails(["analyze", str(out), "--checkpoints", "0"], "--checkpoints must be a positive integer")
     labels = adapter / "labels.json"
     for text, message in [
         ("null", "must hold a list of at least 2 class names, found None"),
