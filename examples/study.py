@@ -10,6 +10,8 @@ command before it runs, and then prints the tables as Markdown:
   frozen magnitude, DoRA without normalisation and LoRA at ranks 2 and 8, and a full fine-tune;
 * ``low-data``: the same methods where the task is not saturated: 16 training articles per
   topic, ranks 1 and 2, five seeds;
+* ``magnitude-lr``: a control of the low-data part at rank 1: DoRA with its magnitude at the
+  learning rate of everything else (by default it is 3x), against LoRA;
 * ``causal``: SmolLM2-135M-Instruct on the ChatterBot corpus (held-out loss) at ranks 2 and 8,
   in a short budget (20 steps of 8 conversations of at most 64 tokens);
 * ``figure2``: the DoRA paper's figure 2 protocol on the rank-8 ablation runs of every seed.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 ABLATION = ("dora", "dora-frozen-magnitude", "dora-no-norm", "lora")
 FIGURE2 = ("full", "lora", "dora", "dora-no-norm")  # the paper's panels and our no-norm
-PARTS = ("ablation", "low-data", "causal", "figure2")
+PARTS = ("ablation", "low-data", "magnitude-lr", "causal", "figure2")
 KEPT_FILES = ("metrics.json", "config.json")
 
 
@@ -49,6 +51,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="of the ablation and causal parts")
     p.add_argument("--ranks", default="2,8", help="of the ablation; figure 2 uses the last")
     p.add_argument("--max-steps", type=int, default=40, help="of every classification run")
+    p.add_argument(
+        "--control-magnitude-lr",
+        type=float,
+        default=3e-3,
+        help="DoRA's magnitude lr in the magnitude-lr part: the classification lr, not 3x it",
+    )
     p.add_argument("--full-lr", type=float, default=1e-3, help="the full fine-tune's lr")
     p.add_argument("--low-data-seeds", default="0,1,2,3,4")
     p.add_argument("--low-data-ranks", default="1,2")
@@ -68,26 +76,39 @@ def ranks(text: str) -> list[int]:
     return [int(r) for r in text.split(",")]
 
 
-def torchdora(args: list[str], log: list[dict]) -> None:
-    """Run ``torchdora ARGS`` with this Python, after printing it; its wall time goes to
-    ``log``."""
-    print("\n$ torchdora " + shlex.join(args), flush=True)
-    start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "torchdora", *args], check=True)
-    log.append({"command": "torchdora " + shlex.join(args), "wall_s": time.monotonic() - start})
+class Commands:
+    """``study.json``: every command that ran, by the folder it wrote, with its wall time;
+    kept up to date as the study goes, so an interrupted study's times stay."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ran = json.loads(path.read_text()) if path.is_file() else {}
+
+    def run(self, name: str, args: list[str]) -> None:
+        """Run ``torchdora ARGS`` with this Python, after printing it."""
+        command = "torchdora " + shlex.join(args)
+        print(f"\n$ {command}", flush=True)
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-m", "torchdora", *args], check=True)
+        self.ran[name] = {"command": command, "wall_s": time.monotonic() - start}
+        self.path.write_text(json.dumps(self.ran, indent=2) + "\n")
 
 
 def compare(
-    args: argparse.Namespace, name: str, flags: list[str], log: list[dict], *, figure2: bool = False
+    args: argparse.Namespace,
+    name: str,
+    flags: list[str],
+    commands: Commands,
+    *,
+    figure2: bool = False,
 ) -> dict:
     """``compare.json`` of ``torchdora finetune FLAGS --output OUTPUT/NAME`` (run unless it
     is there), with its small files copied to ``KEEP/NAME`` (with ``figure2``, the runs'
     ``decomposition.jsonl`` too)."""
     out = Path(args.output) / name
     if not (out / "compare.json").is_file():
-        torchdora(
-            ["finetune", *flags, "--progress", "none", "--output", str(out), "--overwrite"], log
-        )
+        finetune = ["finetune", *flags, "--progress", "none", "--output", str(out)]
+        commands.run(name, [*finetune, "--overwrite"])
     keep = Path(args.keep) / name
     report = json.loads((out / "compare.json").read_text())
     for run in report["runs"]:
@@ -116,24 +137,24 @@ def adapter_flags(methods: str, rank: int, seeds: str) -> list[str]:
     return ["--compare", methods, "--rank", str(rank), "--alpha", str(2 * rank), "--seeds", seeds]
 
 
-def ablation(args: argparse.Namespace, log: list[dict]) -> dict:
+def ablation(args: argparse.Namespace, commands: Commands) -> dict:
     reports = {
         f"r={r}": compare(
             args,
             f"ablation-r{r}",
             [*classification_flags(args), *adapter_flags(args.methods, r, args.seeds)],
-            log,
+            commands,
             figure2=True,
         )
         for r in ranks(args.ranks)
     }
     full = ["--method", "full", "--lr", str(args.full_lr), "--seeds", args.seeds]
     flags = [*classification_flags(args), *full]
-    reports["full"] = compare(args, "ablation-full", flags, log, figure2=True)
+    reports["full"] = compare(args, "ablation-full", flags, commands, figure2=True)
     return reports
 
 
-def low_data(args: argparse.Namespace, log: list[dict]) -> dict:
+def low_data(args: argparse.Namespace, commands: Commands) -> dict:
     few = ["--train-per-class", str(args.train_per_class)]
     return {
         f"r={r}": compare(
@@ -144,20 +165,29 @@ def low_data(args: argparse.Namespace, log: list[dict]) -> dict:
                 *few,
                 *adapter_flags(args.methods, r, args.low_data_seeds),
             ],
-            log,
+            commands,
         )
         for r in ranks(args.low_data_ranks)
     }
 
 
-def causal(args: argparse.Namespace, log: list[dict]) -> dict:
+def magnitude_lr(args: argparse.Namespace, commands: Commands) -> dict:
+    """The control of the low-data part at its first rank: is DoRA's gain its magnitude's
+    larger learning rate (3x by default)? DoRA with the magnitude at the others' rate, and LoRA."""
+    r, lr = ranks(args.low_data_ranks)[0], args.control_magnitude_lr
+    flags = [*classification_flags(args), "--train-per-class", str(args.train_per_class)]
+    flags += ["--magnitude-lr", f"{lr:g}", *adapter_flags("dora,lora", r, args.low_data_seeds)]
+    return {f"r={r}, magnitude lr {lr:g}": compare(args, f"magnitude-lr-r{r}", flags, commands)}
+
+
+def causal(args: argparse.Namespace, commands: Commands) -> dict:
     model = args.lm_model or export_smollm2(Path(args.output) / "smollm2-f32")
     flags = ["--task", "causal-lm", "--model", model, "--max-steps", str(args.lm_max_steps)]
     flags += ["--max-length", str(args.lm_max_length)]
     flags += ["--data", args.lm_data] if args.lm_data else []
     return {
         f"r={r}": compare(
-            args, f"causal-r{r}", [*flags, *adapter_flags(args.methods, r, args.seeds)], log
+            args, f"causal-r{r}", [*flags, *adapter_flags(args.methods, r, args.seeds)], commands
         )
         for r in ranks(args.lm_ranks)
     }
@@ -175,19 +205,25 @@ def export_smollm2(folder: Path) -> str:
     return str(folder)
 
 
-def figure2(args: argparse.Namespace, log: list[dict]) -> dict:
-    """``torchdora analyze --module-type query --checkpoints 4`` on each seed's rank-8 runs."""
+def figure2(args: argparse.Namespace, commands: Commands) -> dict:
+    """``torchdora analyze --module-type query --checkpoints 4`` on each seed's rank-8 runs;
+    each seed's ``figure2.json``, and the first seed's plot, are kept."""
     rank, reports = ranks(args.ranks)[-1], {}
-    for seed in args.seeds.split(","):
+    for index, seed in enumerate(args.seeds.split(",")):
         runs = [Path(args.output) / "ablation-full" / "full" / f"seed{seed}"]
         runs += [
             Path(args.output) / f"ablation-r{rank}" / method / f"seed{seed}"
             for method in FIGURE2
             if method in args.methods.split(",")
         ]
-        out = Path(args.keep) / "figure2" / f"seed{seed}"
+        out, keep = (
+            Path(folder) / "figure2" / f"seed{seed}" for folder in (args.output, args.keep)
+        )
         flags = ["--module-type", "query", "--checkpoints", "4", "--out", str(out)]
-        torchdora(["analyze", *map(str, runs), *flags], log)
+        commands.run(f"figure2/seed{seed}", ["analyze", *map(str, runs), *flags])
+        keep.mkdir(parents=True, exist_ok=True)
+        for file in ["figure2.json", *(["decomposition.png"] if index == 0 else [])]:
+            shutil.copy2(out / file, keep / file)
         reports[f"seed {seed}"] = json.loads((out / "figure2.json").read_text())
     return reports
 
@@ -258,7 +294,13 @@ def figure2_table(reports: dict) -> list[str]:
     return markdown(header, rows)
 
 
-RUNNERS = {"ablation": ablation, "low-data": low_data, "causal": causal, "figure2": figure2}
+RUNNERS = {
+    "ablation": ablation,
+    "low-data": low_data,
+    "magnitude-lr": magnitude_lr,
+    "causal": causal,
+    "figure2": figure2,
+}
 
 
 def main() -> None:
@@ -267,17 +309,9 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         sys.exit(f"study.py: error: --parts {','.join(unknown)}: the parts are {','.join(PARTS)}")
-    record_file = Path(args.keep) / "study.json"
-    record_file.parent.mkdir(parents=True, exist_ok=True)
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-    results = {}
-    for part in (p for p in PARTS if p in parts):
-        log: list[dict] = []
-        start = time.monotonic()
-        results[part] = RUNNERS[part](args, log)
-        if log:  # something ran: this part's commands and time replace an earlier record
-            record[part] = {"wall_s": time.monotonic() - start, "commands": log}
-            record_file.write_text(json.dumps(record, indent=2) + "\n")
+    Path(args.keep).mkdir(parents=True, exist_ok=True)
+    commands = Commands(Path(args.keep) / "study.json")
+    results = {part: RUNNERS[part](args, commands) for part in PARTS if part in parts}
     for part, reports in results.items():
         print(f"\n## {part}\n")
         if part == "figure2":
@@ -286,8 +320,8 @@ def main() -> None:
             full = reports.pop("full", None)
             lines = part_tables(reports, full and {"full": full["per_method"]["full"]})
         print("\n".join(lines))
-    total = sum(entry["wall_s"] for entry in record.values())
-    print(f"\nwall time of the runs recorded in {record_file}: {total / 60:.1f} min")
+    total = sum(entry["wall_s"] for entry in commands.ran.values())
+    print(f"\nwall time of the commands recorded in {commands.path}: {total / 60:.1f} min")
 
 
 if __name__ == "__main__":
