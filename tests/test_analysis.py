@@ -498,6 +498,8 @@ def test_lora_dora_and_full_fine_tune_points_through_training(tmp_path):
     assert all(math.isfinite(r) for r in correlations.values())
 
     written = analyze_runs([tmp_path / name for name in runs], tmp_path / "plots")
-    assert [p.name for p in written] == ["decomposition.png", "loss.png"]
+    assert [p.name for p in written] == ["decomposition.png", "figure2.json", "loss.png"]
     assert_png(written[0], (3 * 400, 350))  # default panel 4 × 3.5 in at 100 dpi, 3 methods
-    assert_png(written[1], (600, 400))
+    assert_png(written[2], (600, 400))
+    found = json.loads(written[1].read_text())["methods"]
+    assert {method: found[method]["pearson"] for method in found} == pytest.approx(correlations)

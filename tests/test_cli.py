@@ -233,6 +233,9 @@ def _bad_csv(tmp_path, text):
         (["--targets", "query,foo"], "['foo']"),
         (["--targets", "attention"], "matched modules torchdora cannot adapt"),
         (["--output", ""], "output must be a folder path"),
+        (["--train-per-class", "0"], "train_per_class must be a positive integer, got 0"),
+        (["--train-per-class", "17"], "label 'a' has only 16 training examples: choose at most 16"),
+        (["--task", "causal-lm", "--train-per-class", "4"], "a setting of --task classification"),
         (["--overwrite", "--resume", "somewhere"], "overwrite"),
         (["--unknown-key-file"], None),
     ],
@@ -529,6 +532,9 @@ def test_commands_reading_a_run_name_bad_input_in_one_line(tiny, tmp_path, capsy
     fails(["analyze", str(a_file)], "is a file, not a folder")
     fails(["analyze", str(out), "--out", str(a_file)], "is a file, not a folder")
     fails(["analyze", str(out), "--out", str(a_file / "plots")], "Not a directory")
+    fails(["analyze", str(out), "--module-type", "quer"],
+          "has no layers of module type 'quer'; its types are query, value: pick one")  # fmt: skip
+    fails(["analyze", str(out), "--checkpoints", "0"], "--checkpoints must be a positive integer")
     labels = adapter / "labels.json"
     for text, message in [
         ("null", "must hold a list of at least 2 class names, found None"),
@@ -560,6 +566,7 @@ FLAG_VALUES = {
     "label_column": ("topic", "topic"),
     "test_size": ("0.3", 0.3),
     "split_seed": ("7", 7),
+    "train_per_class": ("3", 3),
     "max_length": ("64", 64),
     "epochs": ("2", 2),
     "max_steps": ("5", 5),
@@ -646,6 +653,20 @@ def test_split_seed_holds_out_another_split(tiny, tmp_path):
         config = json.loads((tmp_path / name / "config.json").read_text())
         before[config["split_seed"]] = metrics["loss_before"]
     assert set(before) == {0, 1} and before[0] != before[1]
+
+
+def test_train_per_class_trains_on_k_per_label_and_keeps_the_held_out_split(tiny, tmp_path, capsys):
+    """--train-per-class 4: 12 of the 48 training examples (4 of each of the 3 labels); the
+    held-out examples, and with the same seed the new head, are those of the full-data run."""
+    runs = {}
+    for name, extra in [("all", []), ("few", ["--train-per-class", "4"])]:
+        assert finetune(tiny, tmp_path / name, "--max-steps", "1", *extra) == 0
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert (runs["all"]["train_examples"], runs["few"]["train_examples"]) == (48, 12)
+    for key in ("loss_before", "accuracy_before"):
+        assert runs["few"][key] == runs["all"][key], key
+    assert json.loads((tmp_path / "few" / "config.json").read_text())["train_per_class"] == 4
+    assert "12 train (4 per label) / 12 held-out examples" in capsys.readouterr().out
 
 
 #: Every line a classification run prints (stdout and stderr) is one of these.

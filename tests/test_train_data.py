@@ -19,6 +19,7 @@ from torchdora.train import (
     load_sequence_classifier,
     load_text_classification,
     pad_collate,
+    sample_per_class,
     tokenize_classification,
     train_test_split,
 )
@@ -133,6 +134,36 @@ def test_split_rejects_bad_test_size(test_size):
 def test_split_needs_enough_examples():
     with pytest.raises(DataError, match="cannot split"):
         train_test_split(labelled({"a": 1, "b": 1}), test_size=0.2)
+
+
+def test_sample_per_class_takes_k_of_each_label_by_seed():
+    data = labelled({"a": 50, "b": 30, "c": 7})
+    sample = sample_per_class(data, 5, seed=3)
+    per_label = collections.Counter(sample.label_names[y] for y in sample.labels)
+    assert per_label == {"a": 5, "b": 5, "c": 5}
+    assert sample.label_names == data.label_names
+    positions = [data.texts.index(text) for text in sample.texts]
+    assert positions == sorted(positions)  # the original order
+    assert all(data.labels[i] == y for i, y in zip(positions, sample.labels, strict=True))
+    assert sample_per_class(data, 5, seed=3).texts == sample.texts
+    assert sample_per_class(data, 5, seed=4).texts != sample.texts
+    whole = sample_per_class(data, 7, seed=0)  # every example of the smallest label
+    assert {t for t, y in zip(whole.texts, whole.labels, strict=True) if y == 2} == {
+        t for t, y in zip(data.texts, data.labels, strict=True) if y == 2
+    }
+
+
+@pytest.mark.parametrize(
+    ("per_class", "message"),
+    [
+        (0, "train_per_class must be a positive integer, got 0"),
+        (-2, "train_per_class must be a positive integer, got -2"),
+        (8, "train_per_class is 8 but label 'c' has only 7 training examples: choose at most 7"),
+    ],
+)
+def test_sample_per_class_rejects_bad_counts(per_class, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        sample_per_class(labelled({"a": 50, "b": 30, "c": 7}), per_class)
 
 
 # --------------------------------------------------------------------------- the default data

@@ -24,12 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from torchdora.analysis import (
-    DECOMPOSITION_FILE,
-    analyze_runs,
-    method_correlations,
-    read_decomposition,
-)
+from torchdora.analysis import PAPER_CHECKPOINTS, RELATIONS_FILE, analyze_runs, format_relations
 from torchdora.distributed import init_from_environment, launched_with_ranks
 from torchdora.io import inspect_adapter
 from torchdora.recipes import TASKS, FinetuneConfig, evaluate_saved, run_finetune
@@ -181,7 +176,20 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("path")
     analyze = sub.add_parser("analyze", help="ΔM/ΔD and loss plots of training runs")
     analyze.add_argument("runs", nargs="+", help="run folders")
-    analyze.add_argument("--out", default=None, help="where the PNGs go (default: first run)")
+    analyze.add_argument("--out", default=None, help="where the files go (default: first run)")
+    analyze.add_argument(
+        "--module-type",
+        dest="module_type",
+        metavar="NAME",
+        help="only the layers of this type, e.g. query (the paper's figure 2; default: all)",
+    )
+    analyze.add_argument(
+        "--checkpoints",
+        type=int,
+        metavar="N",
+        help=f"only N checkpoints per run, the last and N-1 evenly spread before it (the "
+        f"paper's figure 2: {PAPER_CHECKPOINTS}; default: every recorded step)",
+    )
     return parser
 
 
@@ -329,14 +337,16 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     out = Path(args.out or args.runs[0])
-    for path in analyze_runs(args.runs, out):
+    written = analyze_runs(
+        args.runs, out, module_type=args.module_type, checkpoints=args.checkpoints
+    )
+    for path in written:
         print(f"wrote {path}")
-    files = [Path(run) / DECOMPOSITION_FILE for run in args.runs]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # analyze_runs has warned about these files already
-        records = [r for file in files if file.is_file() for r in read_decomposition(file)]
-    for method, r in method_correlations(records).items():
-        print(f"{method}: corr(ΔD, ΔM) = {r:+.3f}")
+    if out / RELATIONS_FILE in written:
+        summary = json.loads((out / RELATIONS_FILE).read_text())
+        layers = f"{args.module_type} layers" if args.module_type else "all layers"
+        for line in format_relations(summary["methods"], layers):
+            print(line)
     return 0
 
 

@@ -6,6 +6,13 @@ Measuring needs only PyTorch; the plots need matplotlib (``pip install 'torchdor
 """
 
 from torchdora.analysis.change import LayerChange, dense_change, factored_change
+from torchdora.analysis.figure2 import (
+    PAPER_CHECKPOINTS,
+    format_relations,
+    relations,
+    select_checkpoints,
+    select_module_type,
+)
 from torchdora.analysis.plots import plot_decomposition, plot_loss_curves
 from torchdora.analysis.records import (
     DECOMPOSITION_FILE,
@@ -25,7 +32,7 @@ from torchdora.analysis.reference import (
     state_dict_change,
     weight_rows,
 )
-from torchdora.analysis.runs import DECOMPOSITION_PLOT, LOSS_PLOT, analyze_runs
+from torchdora.analysis.runs import DECOMPOSITION_PLOT, LOSS_PLOT, RELATIONS_FILE, analyze_runs
 from torchdora.analysis.tracking import DecompositionTracker, infer_method
 
 __all__ = [
@@ -33,6 +40,8 @@ __all__ = [
     "DECOMPOSITION_PLOT",
     "LOSS_PLOT",
     "METRICS_FILE",
+    "PAPER_CHECKPOINTS",
+    "RELATIONS_FILE",
     "DecompositionTracker",
     "LayerChange",
     "LayerReference",
@@ -43,6 +52,7 @@ __all__ = [
     "decomposition_record",
     "dense_change",
     "factored_change",
+    "format_relations",
     "infer_method",
     "method_correlations",
     "pearson",
@@ -51,6 +61,9 @@ __all__ = [
     "read_decomposition",
     "read_jsonl",
     "read_loss_curves",
+    "relations",
+    "select_checkpoints",
+    "select_module_type",
     "state_dict_change",
     "weight_rows",
 ]

@@ -34,6 +34,7 @@ from torchdora.train import (
     load_sequence_classifier,
     load_text_classification,
     pad_collate,
+    sample_per_class,
     set_seed,
     tokenize_classification,
     train_test_split,
@@ -61,6 +62,8 @@ def run_classification(
     train_data, test_data = train_test_split(data, config.test_size, seed=config.split_seed)
     if not train_data.texts or not test_data.texts:
         raise DataError("the data is too small to hold out a test set; add examples")
+    if config.train_per_class is not None:
+        train_data = sample_per_class(train_data, config.train_per_class, seed=config.seed)
     model_dir = config.model or bundled_model_path()
     set_seed(config.seed)  # the new head's and the adapters' initial values are part of the run
     new_head = not has_classification_head(model_dir)
@@ -73,9 +76,10 @@ def run_classification(
         )
     quantize_base(model, config, keep=head, log=log)
     analysed = adapt_model(model, config, head)
+    per_label = "" if config.train_per_class is None else f" ({config.train_per_class} per label)"
     log(
-        f"{describe_model(config, model, Path(model_dir).name)}; {len(train_data.texts)} train "
-        f"/ {len(test_data.texts)} held-out examples, {len(data.label_names)} labels"
+        f"{describe_model(config, model, Path(model_dir).name)}; {len(train_data.texts)} train"
+        f"{per_label} / {len(test_data.texts)} held-out examples, {len(data.label_names)} labels"
     )
 
     max_length = fitted_max_length(config, model, tokenizer, log)
@@ -99,6 +103,7 @@ def run_classification(
         "loss_before": before["eval_loss"],
         "accuracy_after": summary["eval_accuracy"],
         "loss_after": summary["eval_loss"],
+        "train_examples": len(train_data),
         **run_statistics(model, summary),
         "label_names": data.label_names,
     }

@@ -102,6 +102,12 @@ class FinetuneConfig:
     label_column: str = setting("label", "column of --data holding the labels")
     test_size: float = setting(0.2, "fraction of the data held out for evaluation")
     split_seed: int = setting(0, "seed of the held-out split (fixed across --seed values)")
+    train_per_class: int | None = setting(
+        None,
+        "low-data runs (classification): train on this many examples of each label, drawn "
+        "from the training split by --seed, the rest of it unused; the held-out split stays",
+        default_help="all of the training split",
+    )
     max_length: int = setting(128, "tokens per text (longer texts are truncated)")
     epochs: int = setting(
         1, "passes over the training data (ignored with --max-steps)", training="num_train_epochs"
@@ -179,6 +185,16 @@ class FinetuneConfig:
             value = getattr(self, spec.name)
             if choices is not None and value is not None and value not in choices():
                 raise ValueError(f"{spec.name} must be one of {choices()}, got {value!r}")
+        if self.train_per_class is not None:
+            if self.train_per_class < 1:
+                raise ValueError(
+                    f"train_per_class must be a positive integer, got {self.train_per_class}"
+                )
+            if self.task != "classification":
+                raise ValueError(
+                    "train_per_class counts examples per label: it is a setting of --task "
+                    f"classification, not {self.task}"
+                )
         if not 0.0 < self.test_size < 1.0:
             raise ValueError(f"test_size must be in (0, 1), got {self.test_size}")
         if METHODS[self.method].adapter is None and self.quantize is not None:

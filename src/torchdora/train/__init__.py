@@ -41,6 +41,7 @@ from torchdora.train.data import (
     from_labelled_texts,
     load_bbc_news,
     load_text_classification,
+    sample_per_class,
     train_test_split,
 )
 from torchdora.train.evaluate import evaluate_causal_lm, evaluate_classification
@@ -101,6 +102,7 @@ __all__ = [
     "parameter_group_name",
     "read_trainer_state",
     "render_prompt",
+    "sample_per_class",
     "save_checkpoint",
     "set_rng_state",
     "set_seed",

@@ -230,3 +230,26 @@ def train_test_split(
         )
     train = [i for i in range(len(data)) if i not in test]
     return data.select(train), data.select(sorted(test))
+
+
+def sample_per_class(
+    data: TextClassificationData, per_class: int, seed: int = 0
+) -> TextClassificationData:
+    """``per_class`` examples of every label, chosen by ``random.Random(seed)``, in their
+    original order: the low-data (few-shot) setting, where methods that all saturate on the
+    full data can still differ. Raises :class:`DataError` when a label has fewer examples."""
+    if per_class < 1:
+        raise DataError(f"train_per_class must be a positive integer, got {per_class}")
+    members = [
+        [i for i, y in enumerate(data.labels) if y == label] for label in range(data.num_labels)
+    ]
+    counts = [len(indices) for indices in members]
+    smallest = min(range(data.num_labels), key=counts.__getitem__)
+    if per_class > counts[smallest]:
+        raise DataError(
+            f"train_per_class is {per_class} but label {data.label_names[smallest]!r} has only "
+            f"{counts[smallest]} training examples: choose at most {counts[smallest]}"
+        )
+    rng = random.Random(seed)
+    chosen = {i for indices in members for i in rng.sample(indices, per_class)}
+    return data.select(sorted(chosen))
