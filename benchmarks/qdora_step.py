@@ -58,7 +58,10 @@ def build(variant: str, d: int, args: argparse.Namespace) -> nn.Module:
         config = peft.LoraConfig(
             r=args.rank, target_modules=["proj"], use_dora=variant != "peft-qlora"
         )
-        model = peft.get_peft_model(_Holder(base), config)
+        holder = _Holder(base)  # marked as transformers marks a model loaded in 4 or 8 bits,
+        holder.is_loaded_in_4bit = args.method in ("bnb-nf4", "bnb-fp4")  # so PEFT uses its
+        holder.is_loaded_in_8bit = args.method == "bnb-int8"  # own bitsandbytes layers
+        model = peft.get_peft_model(holder, config)
         if variant == "peft-accel":
             accelerate_peft(model)
         return model.base_model.model.proj

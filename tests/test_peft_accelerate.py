@@ -298,3 +298,13 @@ def test_a_kernel_that_quantizes_its_input_is_not_used_for_the_dropped_base_outp
         run_model.base_model.model.layer.base_layer.eval()  # the int8 kernel's own path
     x = torch.randn(3, 5, 256)
     assert_close(run(accelerated, "linear", x), run(plain, "linear", x), FLOAT32)
+
+
+def test_under_autocast_the_low_rank_branch_runs_in_the_autocast_dtype():
+    """As autocast runs PEFT's ``lora_A(x)`` in bfloat16, so the accelerated branch: the same
+    output as with its input cast beforehand (a float32 branch would be slower, not PEFT's)."""
+    model = layer_model("linear")
+    torchdora.accelerate_peft(model)
+    x = torch.randn(4, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x), model(x.bfloat16()))

@@ -59,8 +59,9 @@ def dora_from_base_output(
     if torch.compiler.is_compiling():
         out = rescale_base_output(*flat, bias, lora_A, lora_B, scale, scaling)[0]
     else:
+        autocast = autocast_enabled(result)
         with autocast_off(result) as dtype:
-            if autocast_enabled(result):  # as autocast would cast the low-rank branch
+            if autocast:  # as autocast would cast the low-rank branch
                 flat = [cast(t, dtype) for t in flat]
             out = RescaleBaseOutputFunction.apply(*flat, bias, lora_A, lora_B, scale, scaling)
     return out.reshape(*lead, d_out)
@@ -85,7 +86,8 @@ def rescale_base_output(
     scale = cast(scale, scale_dtype(dtype))
     low_rank = F.linear(lora_x, cast(lora_A, lora_x.dtype))
     if base_dropped is None:
-        out = result * scale if bias is None else torch.addcmul(bias * (1 - scale), result, scale)
+        bias_part = None if bias is None else cast(bias, scale.dtype) * (1 - scale)
+        out = result * scale if bias is None else torch.addcmul(bias_part, result, scale)
     else:
         out = torch.addcmul(cast(result, scale.dtype), base_dropped, scale - 1)
     scaled_B = cast(lora_B, scale.dtype) * scale.unsqueeze(1)
@@ -131,12 +133,12 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     grad_low_rank = cast(grad_out, low_rank.dtype)
     low_t_g = cast(torch.mm(grad_low_rank.t(), low_rank), fp)
     B = cast(lora_B, fp)
-    grad_sum = grad_out.sum(0, dtype=fp) if bias is not None else None
+    grad_sum = _column_sum(grad_out, fp) if bias is not None else None
     # Σ_t g ⊙ (D − b + s·B A x) per row: D's part through a T × d_out buffer, the rest d_out × r.
     buffer = torch.mul(grad_out, direction)
     grad_scale = None
     if need_scale:
-        grad_scale = buffer.sum(0, dtype=fp)
+        grad_scale = _column_sum(buffer, fp)
         if not ctx.dropped and bias is not None:
             grad_scale = grad_scale.sub_(cast(bias, fp) * grad_sum)
         grad_scale = grad_scale.add_((low_t_g * B).sum(1), alpha=s)
@@ -158,3 +160,12 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         cast((low_t_g * scale_column).mul_(s), lora_B.dtype) if need_B else None,
         grad_scale,
     )
+
+
+def _column_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.sum(0)`` in ``dtype``. Reduced in ``t``'s own dtype, which accumulates in float32
+    anyway and rounds once (asking for a float32 result copies all of a bfloat16 ``t`` on CPU),
+    except float16, whose range a sum over many rows can exceed."""
+    if t.dtype == torch.float16:
+        return t.sum(0, dtype=dtype)
+    return cast(t.sum(0), dtype)
