@@ -27,7 +27,14 @@ share of the CPUs during ``train()``; a round they disturbed is redone (``--max-
 Reported: medians over rounds, and the paired ratios (within a round, then the median)
 accelerated/PEFT-DoRA, apply_dora/PEFT-DoRA and PEFT-DoRA/PEFT-LoRA.
 
+A whole step moves by ±10% from one fresh process to the next, more than the difference
+between PEFT's DoRA and the accelerated one on these small models. ``--alternate`` measures that
+difference inside one process instead: one PEFT-DoRA trainer whose steps take turns between
+PEFT's own DoRA and ``accelerate_peft`` (``restore_peft``/``accelerate_peft`` between steps, not
+timed), reported as the median over adjacent pairs of steps, per run and then over runs.
+
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/peft_client.py --json peft_client.json
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/peft_client.py --alternate --steps 40
     .venv/bin/python benchmarks/peft_client.py --quick --tasks sft
 """
 
@@ -234,19 +241,32 @@ def adapt(model: nn.Module, run: Run, lora: LoraConfig | None) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- the child
-def step_clock() -> TrainerCallback:
-    """A TrainerCallback recording the wall clock at train begin and at every step's end."""
+def step_clock(alternate: nn.Module | None = None) -> TrainerCallback:
+    """A TrainerCallback recording each step's wall time (``steps``). Given a PEFT model in
+    ``alternate``, it accelerates and restores that model's DoRA layers between steps (outside
+    the timed span), so the steps take turns: PEFT's DoRA first (``accelerated[i]`` says which
+    ran)."""
     from transformers import TrainerCallback
+
+    import torchdora
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
-            self.marks: list[float] = []
+            self.steps: list[float] = []
+            self.accelerated: list[bool] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.marks = [time.perf_counter()]
+            self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.marks.append(time.perf_counter())
+            self.steps.append(time.perf_counter() - self.start)
+            if alternate is not None:
+                self.accelerated.append(len(self.steps) % 2 == 0)
+                if self.accelerated[-1]:
+                    torchdora.restore_peft(alternate)
+                else:
+                    torchdora.accelerate_peft(alternate)
+            self.start = time.perf_counter()
 
     return StepClock()
 
@@ -273,15 +293,20 @@ def measure(run: Run) -> dict:
     C.setup("cpu", run.threads)
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(run, out)
-        clock = step_clock()
+        clock = step_clock(trainer.model if run.variant == "alternating" else None)
         trainer.add_callback(clock)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         rss_before = reset_peak_rss()
         others = C.OtherLoad()
         summary = trainer.train()
         other_load = others.share()
-    steps = [b - a for a, b in itertools.pairwise(clock.marks)]
+    steps = clock.steps
+    alternated = {}
+    if clock.accelerated:
+        alternated["pair_ratio"] = pair_ratio(steps, clock.accelerated, run.warmup)
+        alternated["accelerated_steps"] = clock.accelerated
     return {
+        **alternated,
         "step_s": statistics.median(steps[run.warmup :]),
         "steps_s": steps,
         "peak_rss_mib": C._status_kib("VmHWM") / 1024,
@@ -290,6 +315,14 @@ def measure(run: Run) -> dict:
         "trainable": trainable,
         "other_load": round(other_load, 3),
     }
+
+
+def pair_ratio(steps: list[float], accelerated: list[bool], warmup: int) -> float:
+    """Median over adjacent steps after ``warmup`` of accelerated time ÷ PEFT-DoRA time (each
+    step is in two pairs, one with either neighbour, so a drift of the machine cancels)."""
+    timed = zip(steps[warmup:], accelerated[warmup:], strict=True)
+    pairs = [(a, b) if a_ours else (b, a) for (a, a_ours), (b, _) in itertools.pairwise(timed)]
+    return statistics.median(ours / peft for ours, peft in pairs)
 
 
 def run_child(run: Run) -> dict:
@@ -380,6 +413,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the median")
     p.add_argument("--rounds", type=int, default=None, help="runs per variant (default 3)")
     p.add_argument("--quick", action="store_true", help="fewer steps, 2 rounds")
+    p.add_argument("--alternate", action="store_true", help="accelerated/PEFT-DoRA in one "
+                   "process, steps taking turns (instead of the variants)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -431,6 +466,8 @@ def main(argv=None) -> dict:
     C.setup("cpu", args.threads)
     info = {**C.machine(DEVICE), **library_versions()}
     print(f"# peft_client on {info}\n# {C.command_line()}", flush=True)
+    if args.alternate:
+        return alternate(args, info)
     headers = ["task", "precision", *(f"{v} ms/step" for v in args.variants), *RATIOS]
     headers += [f"peak RSS MiB ({' / '.join(args.variants)})", "others' CPU"]
     print(C.markdown_table(headers, []), flush=True)
@@ -440,6 +477,26 @@ def main(argv=None) -> dict:
             runs, rounds = interleaved_runs(case_runs(task, dtype, args), args)
             results.append(summarise(task, dtype, runs, rounds))
             rows.append(table_row(results[-1], args.variants))
+            C.print_row(rows[-1])
+    print("\n" + C.markdown_table(headers, rows))
+    return C.save_results(args.json, info, results, rounds=args.rounds, warmup=args.warmup)
+
+
+def alternate(args: argparse.Namespace, info: dict) -> dict:
+    """``--alternate``: per task and precision, ``--rounds`` processes of one PEFT-DoRA trainer
+    whose steps take turns (:func:`step_clock`); the median of the runs' pair ratios."""
+    headers = ["task", "precision", "accelerated/PEFT-DoRA per run", "**median**", "others' CPU"]
+    print(C.markdown_table(headers, []), flush=True)
+    rows, results = [], []
+    for task in args.tasks:
+        for dtype in args.dtypes:
+            run = Run(task, dtype, "alternating", steps_for(task, args), args.warmup, args.threads)
+            runs, rounds = interleaved_runs({"alternating": run}, args)
+            ratios = [r["pair_ratio"] for r in runs["alternating"]]
+            results.append({"task": task, "dtype": dtype, "pair_ratios": ratios, "runs": runs,
+                            "rounds": rounds, "median_pair_ratio": C.median(ratios)})  # fmt: skip
+            rows.append([task, dtype, ", ".join(f"{r:.3f}" for r in ratios),
+                         f"**{C.median(ratios):.3f}**", C.noise_note(rounds)])  # fmt: skip
             C.print_row(rows[-1])
     print("\n" + C.markdown_table(headers, rows))
     return C.save_results(args.json, info, results, rounds=args.rounds, warmup=args.warmup)

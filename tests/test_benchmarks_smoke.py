@@ -129,6 +129,15 @@ def test_peft_client_times_each_variant_in_the_real_trainer(tmp_path):
     assert len({r["trainable"] for r in runs.values()}) == 1  # the same adapters in each
 
 
+def test_peft_client_alternates_one_trainer_between_peft_and_accelerated(tmp_path):
+    pytest.importorskip("trl")
+    args = ["--alternate", "--tasks=sft", "--dtypes=fp32", "--steps=5", "--warmup=1", "--rounds=1"]
+    result = run("peft_client.py", *args, tmp_path=tmp_path)["results"][0]
+    (child,) = result["runs"]["alternating"]
+    assert child["accelerated_steps"] == [False, True, False, True, False]
+    assert result["pair_ratios"] == [child["pair_ratio"]] and child["pair_ratio"] > 0
+
+
 @pytest.mark.slow
 def test_peft_client_classification_through_trainer(tmp_path):
     pytest.importorskip("trl")
