@@ -285,6 +285,29 @@ def test_quantized_bases_give_peft_outputs_and_gradients(method, marked, dropout
     assert type(variant).__name__ == "QuantizedDoraLinearVariant"
 
 
+def test_a_bitsandbytes_weight_repacked_by_an_eval_forward_is_read_as_it_was():
+    """On AVX512-BF16 CPUs a ``Linear4bit`` repacks its weight at its first eval-mode no-grad
+    forward, and PEFT's own DoRA misreads the repacked weight from then on (its outputs move by
+    ~10%). ``accelerate_peft`` undoes the repacking: the outputs are those from before it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(256, 128, compute_dtype=torch.float32, quant_type="nf4")
+    base.load_state_dict(nn.Linear(256, 128).state_dict())
+    base = base.to("cpu")
+    if not base.support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    model = dora_model(One(base), ["layer"], r=4)
+    x = torch.randn(3, 5, 256)
+    before = model.train()(x).detach()
+    with torch.no_grad():
+        model.eval()(x)
+    assert base.weight.quant_state.packing_format_for_cpu
+    torchdora.accelerate_peft(model)
+    assert not base.weight.quant_state.packing_format_for_cpu
+    with torch.no_grad():
+        assert rel_err(model(x), before) <= 1e-2  # the block scales went through bfloat16
+
+
 def test_a_kernel_that_quantizes_its_input_is_not_used_for_the_dropped_base_output():
     """bitsandbytes' int8 kernel quantizes its input too except when training on CPU (as on a
     GPU); PEFT takes ``Ŵ x_d`` from the dequantized weight, and so must the accelerated path."""

@@ -398,8 +398,13 @@ def test_in_place_merge_is_refused():
 
 # --------------------------------------------------------------------------- bitsandbytes specifics
 def test_bitsandbytes_cpu_repacking_is_undone_and_switched_off():
-    """An eval-mode Linear4bit repacks itself for a bf16 kernel on AVX512-BF16 CPUs."""
-    base = quantized("bnb-nf4").eval()
+    """An eval-mode Linear4bit repacks itself for a bf16 kernel on AVX512-BF16 CPUs. Built
+    with bitsandbytes alone, as a loaded model has it (``quantize_linear`` switches it off)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    linear = nn.Linear(D_IN, D_OUT)
+    base = bnb.nn.Linear4bit(D_IN, D_OUT, compute_dtype=torch.float32, quant_type="nf4")
+    base.load_state_dict(linear.state_dict())
+    base = base.to("cpu").eval()
     if not base.support_avx512bf16_for_cpu:
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
     original = library_dequantized(base)
